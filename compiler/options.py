@@ -1,0 +1,67 @@
+"""Compile options: one frozen object. Environment overrides are mapped on at the edge."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPTIMIZATIONS = ("performance", "accuracy", "float32")
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+DEFAULT_MAX_SEQ_LEN = 4096  # until the memory planner decides what fits
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "N150"
+    optimizations: str = "performance"
+    batch_size: int = 1
+    max_seq_len: int | None = None  # None: min(model max, DEFAULT_MAX_SEQ_LEN)
+    max_prefill_chunk: int | None = None
+    block_size: int = 32
+    max_num_blocks: int = 1024
+    no_weights: bool = False
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "ttcompile")
+    pad_mlp_cores: int | None = None
+
+    def __post_init__(self):
+        if self.optimizations not in OPTIMIZATIONS:
+            raise ValueError(
+                f"unknown optimizations '{self.optimizations}' (choose {', '.join(OPTIMIZATIONS)})"
+            )
+        if self.batch_size not in BATCH_SIZES:
+            raise ValueError(
+                f"batch size {self.batch_size} is not supported (choose one of {BATCH_SIZES})"
+            )
+        if self.max_seq_len is not None and self.max_seq_len < 128:
+            raise ValueError(f"max-seq-len {self.max_seq_len} is too small (at least 128)")
+
+    def replace(self, **changes) -> "CompileOptions":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["cache_dir"] = str(self.cache_dir)
+        return data
+
+
+# The seed's environment variables, and how each maps onto CompileOptions.
+ENV_OVERRIDES = {
+    "TT_CACHE_PATH": ("cache_dir", Path),
+    "MAX_PREFILL_CHUNK_SIZE": ("max_prefill_chunk", lambda v: int(v) * 1024),  # thousands
+    "PAD_MLP_CORES": ("pad_mlp_cores", int),
+    "FAKE_DEVICE": ("target", str),
+}
+
+
+def apply_env(options: CompileOptions, environ=None, explicit: set[str] = frozenset()) -> CompileOptions:
+    """Apply documented environment overrides, except for fields set explicitly on the CLI."""
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for var, (name, parse) in ENV_OVERRIDES.items():
+        if var in environ and environ[var] != "" and name not in explicit:
+            try:
+                changes[name] = parse(environ[var])
+            except ValueError:
+                raise ValueError(f"environment variable {var}={environ[var]!r} is not valid") from None
+    return options.replace(**changes) if changes else options

@@ -1,0 +1,56 @@
+"""The pass pipeline: one explicit list, run in order, observed after every pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.fx
+
+from passes import canonicalize, fuse_mlp, fuse_qkv, precision
+
+from .printer import graph_text
+from .shapes import propagate
+from .verify import verify
+
+PIPELINE = [canonicalize, fuse_qkv, fuse_mlp, precision]
+
+# Passes that must run before others, checked at import rather than trusted to a comment.
+ORDER_CONSTRAINTS = [("canonicalize", "fuse_qkv"), ("canonicalize", "fuse_mlp"),
+                     ("fuse_qkv", "precision"), ("fuse_mlp", "precision")]
+
+PASS_NAMES = [p.NAME for p in PIPELINE]
+for _before, _after in ORDER_CONSTRAINTS:
+    assert PASS_NAMES.index(_before) < PASS_NAMES.index(_after), (_before, _after)
+
+
+@dataclass
+class Observer:
+    """What to do after each pass: verify, print, dump."""
+
+    verify: bool = False
+    print_after: set[str] = field(default_factory=set)  # pass names, or {"all"}
+    dump_dir: Path | None = None
+    printed: list[str] = field(default_factory=list)
+
+    def after(self, index: int, name: str, gm, ctx) -> None:
+        if self.verify:
+            verify(gm, ctx, after=name, precise=PASS_NAMES.index(name) >= PASS_NAMES.index("precision"))
+        if name in self.print_after or "all" in self.print_after or self.dump_dir:
+            text = graph_text(gm, ctx, header=f"IR after {name} ({ctx.mode})")
+            if name in self.print_after or "all" in self.print_after:
+                self.printed.append(text)
+            if self.dump_dir:
+                self.dump_dir.mkdir(parents=True, exist_ok=True)
+                (self.dump_dir / f"{ctx.mode}_{index:02d}_{name}.txt").write_text(text)
+
+
+def run_pipeline(gm: torch.fx.GraphModule, ctx, observer: Observer | None = None) -> torch.fx.GraphModule:
+    observer = observer or Observer()
+    for index, pass_module in enumerate(PIPELINE, start=1):
+        try:
+            gm = pass_module.run(gm, ctx)
+            propagate(gm, ctx.facts, ctx.example_inputs)
+        except Exception as e:
+            raise RuntimeError(f"pass '{pass_module.NAME}' failed on the {ctx.mode} graph: {e}") from e
+        observer.after(index, pass_module.NAME, gm, ctx)
+    return gm

@@ -1,0 +1,52 @@
+"""Trace the reference module into prefill and decode fx graphs, on the meta device."""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from models_ref.config import ModelConfig
+from models_ref.modules import Transformer
+
+from .context import PassContext
+from .facts import StateSpec, WeightSpec
+from .options import CompileOptions
+from .shapes import propagate
+from .targets import Target
+
+# Prefill graphs are generic in their row count S. Passes see them propagated at
+# SEQ_ROWS; the lowering propagates once more at ALT_SEQ_ROWS, and every dim that differs
+# between the two is an S-dim (see lowering.lower). Both fit the smallest max_seq_len.
+SEQ_ROWS, ALT_SEQ_ROWS = 128, 64
+
+
+def _constant_recipe(name: str, max_seq_len: int) -> list:
+    return ["rope_table", name.removeprefix("rope_"), max_seq_len]
+
+
+def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
+          max_seq_len: int) -> tuple[torch.fx.GraphModule, PassContext]:
+    """The reference module as an fx graph plus its weight/state table; no data is read."""
+    with torch.device("meta"):
+        model = Transformer(cfg, mode, max_batch=options.batch_size, max_seq_len=max_seq_len)
+    gm = torch.fx.symbolic_trace(model)
+    seq_rows = SEQ_ROWS
+    ctx = PassContext(cfg, target, options, mode, max_seq_len, seq_rows)
+
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        source = param_names[id(p)]
+        ctx.facts.weights[name] = WeightSpec(name, tuple(p.shape), ["source", source])
+    for name, b in model.named_buffers():
+        if name.startswith("rope_"):
+            ctx.facts.weights[name] = WeightSpec(name, tuple(b.shape), _constant_recipe(name, max_seq_len))
+        else:
+            layer = int(name.split(".")[1])
+            ctx.facts.state[name] = StateSpec(name, tuple(b.shape), layer=layer)
+
+    rows = options.batch_size if mode == "decode" else seq_rows
+    ctx.example_inputs = {
+        "tokens": torch.empty(1, rows, dtype=torch.int64, device="meta"),
+        "positions": torch.empty(rows, dtype=torch.int64, device="meta"),
+    }
+    propagate(gm, ctx.facts, ctx.example_inputs)
+    return gm, ctx

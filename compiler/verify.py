@@ -1,0 +1,120 @@
+"""The graph verifier: invariants every pass must keep. Run after each pass in tests and
+with `ttcompile --verify`. It raises VerifyError naming the pass and the node."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from models_ref import ops as ref
+
+from . import dialect
+from .facts import DEVICE_DTYPES, LAYER, PRECISION, VAL
+
+BLOCK_FLOATS = ("bfloat8_b", "bfloat4_b")
+
+
+class VerifyError(AssertionError):
+    pass
+
+
+def _shape(node) -> tuple:
+    val = node.meta.get(VAL)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def _check_linear(node):
+    x, w = _shape(node.args[0]), _shape(node.args[1])
+    assert len(w) == 2 and x[-1] == w[0], f"linear: input {x} does not match weight {w}"
+    assert _shape(node) == x[:-1] + (w[1],), f"linear: output {_shape(node)}"
+    bias = node.args[2] if len(node.args) > 2 else None
+    if bias is not None:
+        assert _shape(bias) == (1, w[1]), f"linear: bias {_shape(bias)} for weight {w}"
+
+
+def _check_rms_norm(node):
+    x, w = _shape(node.args[0]), _shape(node.args[1])
+    assert w == (x[-1],) or w[-1] * (w[-2] if len(w) > 1 else 1) == x[-1], f"rms_norm: {x} vs weight {w}"
+
+
+def _check_same_shape(node):
+    a, b = _shape(node.args[0]), _shape(node.args[1])
+    assert a == b, f"{dialect.op_name(node)}: operand shapes differ {a} vs {b}"
+
+
+def _check_qkv_heads(node):
+    x = _shape(node.args[0])
+    _, n_heads, n_kv, head_dim, _ = node.args
+    assert x[-1] == (n_heads + 2 * n_kv) * head_dim, f"qkv_heads: width {x[-1]} vs heads"
+
+
+def _check_gated_mlp(node):
+    x, w1, w3 = (_shape(a) for a in node.args)
+    assert w1 == w3 and x[-1] == w1[0], f"gated_mlp: {x}, w1 {w1}, w3 {w3}"
+
+
+def _check_cache_write(node):
+    cache, kv = _shape(node.args[0]), _shape(node.args[1])
+    assert len(cache) == 4 and len(kv) == 4 and cache[-1] == kv[-1], f"cache write: {cache} <- {kv}"
+
+
+SHAPE_RULES = {
+    dialect.linear: _check_linear,
+    ref.rms_norm: _check_rms_norm,
+    dialect.add: _check_same_shape,
+    dialect.mul: _check_same_shape,
+    dialect.qkv_heads: _check_qkv_heads,
+    dialect.gated_mlp: _check_gated_mlp,
+    ref.fill_cache: _check_cache_write,
+    ref.update_cache: _check_cache_write,
+}
+
+# Operand positions that may read a block-float weight (ttnn only takes those in matmuls).
+_BLOCK_FLOAT_READERS = {dialect.linear: (1,), dialect.gated_mlp: (1, 2),
+                        ref.fill_cache: (0,), ref.update_cache: (0,),
+                        ref.decode_attention: (1, 2)}
+
+
+def _check_node(node, facts, precise: bool):
+    if node.op == "get_attr":
+        spec = facts.weights.get(node.target) or facts.state.get(node.target)
+        assert spec is not None, f"get_attr '{node.target}' names no weight or state"
+        assert tuple(spec.shape) == _shape(node), f"'{node.target}': spec {spec.shape} vs {_shape(node)}"
+        if precise:
+            assert spec.dtype in DEVICE_DTYPES, f"'{node.target}': dtype {spec.dtype}"
+            if spec.dtype in BLOCK_FLOATS:
+                for user in node.users:
+                    slots = _BLOCK_FLOAT_READERS.get(user.target, ())
+                    assert any(user.args[i] is node for i in slots if i < len(user.args)), (
+                        f"block-float '{node.target}' read by {user.name}, which needs bfloat16")
+        return
+    if node.op != "call_function":
+        return
+    assert node.target in dialect.DIALECT.values(), f"op {node.target} is not in the dialect"
+    assert VAL in node.meta, "no shape (propagation did not reach it)"
+    assert LAYER in node.meta, "no layer annotation"
+    if not node.users and node.target not in dialect.SIDE_EFFECTS:
+        raise AssertionError("dead node")
+    if node.target is operator.getitem:
+        return
+    if precise:
+        assert isinstance(node.meta.get(PRECISION), object) and PRECISION in node.meta, "no precision"
+    rule = SHAPE_RULES.get(node.target)
+    if rule:
+        rule(node)
+
+
+def verify(gm: torch.fx.GraphModule, ctx, after: str, precise: bool) -> None:
+    """Check every node; `precise` once the precision pass has run."""
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise VerifyError(f"after {after}: graph has {len(outputs)} outputs")
+    for node in gm.graph.nodes:
+        try:
+            _check_node(node, ctx.facts, precise)
+        except AssertionError as e:
+            raise VerifyError(f"after {after} ({ctx.mode}): node %{node.name}: {e}") from None
+    for name, spec in ctx.facts.weights.items():
+        if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+            raise VerifyError(f"after {after} ({ctx.mode}): weight '{name}' is read by no node")

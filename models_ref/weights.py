@@ -1,0 +1,271 @@
+"""Lazy, validated weight readers for HF (safetensors) and Meta (consolidated.*.pth) dirs.
+
+Both present the same view: canonical Meta names (`layers.0.attention.wq.weight`), Meta's
+interleaved q/k row order, tensors read one at a time on request. The HF <-> Meta q/k
+row permutation lives here and nowhere else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ModelConfig, from_meta_params, load_config
+
+
+class WeightError(ValueError):
+    """A checkpoint file is missing, corrupt, unsafe or does not match the config."""
+
+
+# ---------------------------------------------------------------- names and shapes
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor the model needs, with its shape."""
+    d, hd = cfg.dim, cfg.head_dim
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (d,)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        shapes[p + "attention.wq.weight"] = (cfg.n_heads * hd, d)
+        shapes[p + "attention.wk.weight"] = (cfg.n_kv_heads * hd, d)
+        shapes[p + "attention.wv.weight"] = (cfg.n_kv_heads * hd, d)
+        shapes[p + "attention.wo.weight"] = (d, cfg.n_heads * hd)
+        if cfg.qkv_bias:
+            shapes[p + "attention.wq.bias"] = (cfg.n_heads * hd,)
+            shapes[p + "attention.wk.bias"] = (cfg.n_kv_heads * hd,)
+            shapes[p + "attention.wv.bias"] = (cfg.n_kv_heads * hd,)
+        shapes[p + "feed_forward.w1.weight"] = (cfg.ffn_dim, d)
+        shapes[p + "feed_forward.w3.weight"] = (cfg.ffn_dim, d)
+        shapes[p + "feed_forward.w2.weight"] = (d, cfg.ffn_dim)
+    return shapes
+
+
+_HF_TO_META = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attention.wq.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attention.wk.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wv.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+]
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    for pattern, repl in _HF_TO_META:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def hf_to_meta_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's half-split RoPE rows -> Meta's interleaved rows, per head (weights or biases).
+
+    Per head, HF stores [x0 x2 x4 ... | x1 x3 x5 ...]; Meta stores x0 x1 x2 x3 ...
+    """
+    rows = t.shape[0]
+    tail = t.shape[1:]
+    return t.reshape(n_heads, 2, rows // n_heads // 2, *tail).transpose(1, 2).reshape(rows, *tail)
+
+
+def meta_to_hf_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of hf_to_meta_rows (used by tests and by exporters)."""
+    rows = t.shape[0]
+    tail = t.shape[1:]
+    return t.reshape(n_heads, rows // n_heads // 2, 2, *tail).transpose(1, 2).reshape(rows, *tail)
+
+
+# ---------------------------------------------------------------- fingerprints
+def fingerprint_files(paths: list[Path], extra: str = "") -> str:
+    """Content fingerprint: sizes plus the head, tail and 16 evenly spaced 64 KiB samples.
+
+    Hashing every byte of a 140 GB checkpoint would take minutes; any retrained or
+    fine-tuned checkpoint changes bytes everywhere, so samples catch it.
+    """
+    h = hashlib.sha256(extra.encode())
+    for path in sorted(paths):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            for k in range(18):
+                f.seek(min(size, max(0, size * k // 17 - (65536 if k == 17 else 0))))
+                h.update(f.read(65536))
+    return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------- readers
+class CheckpointReader:
+    """Common interface: canonical names, shapes, one tensor at a time."""
+
+    cfg: ModelConfig
+    files: list[Path]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        return fingerprint_files(self.files, extra=json.dumps(self.cfg.to_json(), sort_keys=True))
+
+    def validate(self) -> None:
+        """Every expected tensor is present with the expected shape."""
+        have = self.shapes()
+        for name, shape in expected_shapes(self.cfg).items():
+            if name not in have:
+                raise WeightError(f"{self.where(name)}: missing tensor '{name}'")
+            if tuple(have[name]) != shape:
+                raise WeightError(
+                    f"{self.where(name)}: tensor '{name}' has shape {list(have[name])}, "
+                    f"config implies {list(shape)}"
+                )
+
+    def where(self, name: str) -> str:
+        return str(self.files[0].parent)
+
+
+class SafetensorsReader(CheckpointReader):
+    def __init__(self, model_dir: Path, cfg: ModelConfig):
+        from safetensors import safe_open
+
+        self.cfg = cfg
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise WeightError(f"{index}: malformed safetensors index") from None
+            files = sorted({model_dir / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise WeightError(f"{index}: names shard '{f.name}', which does not exist")
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise WeightError(f"{model_dir}: no *.safetensors weights found")
+        self.files = files
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._handles = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+                keys = list(handle.keys())
+            except Exception as e:  # safetensors raises its own error types
+                raise WeightError(f"{f}: not a valid safetensors file ({_first_line(e)})") from None
+            self._handles[f] = handle
+            for key in keys:
+                meta = hf_to_meta_name(key)
+                if meta is None:
+                    continue
+                self._where[meta] = (f, key)
+                self._shapes[meta] = tuple(handle.get_slice(key).get_shape())
+
+    def shapes(self):
+        return dict(self._shapes)
+
+    def where(self, name):
+        return str(self._where[name][0]) if name in self._where else super().where(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        path, key = self._where[name]
+        try:
+            t = self._handles[path].get_tensor(key)
+        except Exception as e:
+            raise WeightError(f"{path}: cannot read tensor '{key}' ({_first_line(e)})") from None
+        if name.endswith(("wq.weight", "wq.bias")):
+            t = hf_to_meta_rows(t, self.cfg.n_heads)
+        elif name.endswith(("wk.weight", "wk.bias")):
+            t = hf_to_meta_rows(t, self.cfg.n_kv_heads)
+        return t
+
+
+# How Meta's model-parallel shards split each tensor (None: replicated in every shard).
+_META_SHARD_DIM = [
+    (r"tok_embeddings\.weight", 1),
+    (r"output\.weight", 0),
+    (r".*attention\.w[qkv]\.(weight|bias)", 0),
+    (r".*attention\.wo\.weight", 1),
+    (r".*feed_forward\.w[13]\.weight", 0),
+    (r".*feed_forward\.w2\.weight", 1),
+    (r".*norm\.weight", None),
+]
+
+
+def _meta_shard_dim(name: str) -> int | None:
+    return next((dim for pattern, dim in _META_SHARD_DIM if re.fullmatch(pattern, name)), None)
+
+
+def _load_pth(path: Path) -> dict:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError for corrupt zips
+        raise WeightError(
+            f"{path}: refused or unreadable checkpoint ({_first_line(e)}); only plain tensor "
+            "checkpoints are loaded, never pickled code"
+        ) from None
+
+
+class MetaReader(CheckpointReader):
+    """consolidated.00.pth ... consolidated.NN.pth, memory-mapped, concatenated per tensor."""
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig):
+        self.files = sorted(model_dir.glob("consolidated.*.pth"))
+        if not self.files:
+            raise WeightError(f"{model_dir}: no consolidated.*.pth weights found")
+        self._shards = [_load_pth(f) for f in self.files]
+        for f, shard in zip(self.files, self._shards):
+            if not isinstance(shard, dict):
+                raise WeightError(f"{f}: expected a state dict")
+        tied = "output.weight" not in self._shards[0]
+        self.cfg = cfg.replace(tie_word_embeddings=tied)
+
+    def shapes(self):
+        out = {}
+        for name, t in self._shards[0].items():
+            dim = _meta_shard_dim(name)
+            shape = list(t.shape)
+            if dim is not None and len(self._shards) > 1:
+                shape[dim] = sum(s[name].shape[dim] for s in self._shards if name in s)
+            out[name] = tuple(shape)
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        dim = _meta_shard_dim(name)
+        if dim is None or len(self._shards) == 1:
+            return self._shards[0][name]
+        return torch.cat([s[name] for s in self._shards], dim=dim)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def open_checkpoint(model_dir: str | Path) -> CheckpointReader:
+    """Config + reader for a model directory (HF or Meta), validated against each other."""
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    if cfg.source_format == "meta":
+        reader: CheckpointReader = MetaReader(model_dir, cfg)
+    else:
+        reader = SafetensorsReader(model_dir, cfg)
+    reader.validate()
+    return reader
+
+
+__all__ = [
+    "CheckpointReader", "ConfigError", "WeightError", "expected_shapes", "open_checkpoint",
+    "hf_to_meta_rows", "meta_to_hf_rows", "from_meta_params",
+]
