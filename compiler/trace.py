@@ -7,6 +7,8 @@ import torch.fx
 from models_ref.config import ModelConfig
 from models_ref.modules import Transformer
 
+from passes.util import layer_of_name
+
 from .context import PassContext
 from .facts import StateSpec, WeightSpec
 from .options import CompileOptions
@@ -35,13 +37,13 @@ def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
     param_names = {id(p): name for name, p in model.named_parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):
         source = param_names[id(p)]
-        ctx.facts.weights[name] = WeightSpec(name, tuple(p.shape), ["source", source])
+        ctx.facts.weights[name] = WeightSpec(name, tuple(p.shape), ["source", source],
+                                             layer=layer_of_name(name))
     for name, b in model.named_buffers():
         if name.startswith("rope_"):
             ctx.facts.weights[name] = WeightSpec(name, tuple(b.shape), _constant_recipe(name, max_seq_len))
         else:
-            layer = int(name.split(".")[1])
-            ctx.facts.state[name] = StateSpec(name, tuple(b.shape), layer=layer)
+            ctx.facts.state[name] = StateSpec(name, tuple(b.shape), layer=layer_of_name(name))
 
     rows = options.batch_size if mode == "decode" else seq_rows
     ctx.example_inputs = {

@@ -156,6 +156,11 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         head_dim = dim // n_heads
     elif head_dim * n_heads != dim and family == "qwen2":
         raise ConfigError(f"{path}: head_dim {head_dim} x {n_heads} heads != hidden_size {dim}")
+    # transformers 5 writes rope_parameters (theta and scaling together); 4.x wrote
+    # rope_theta and rope_scaling. Accept both.
+    rope_params = data.get("rope_parameters") or {}
+    rope_theta = data.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    rope_scaling = data.get("rope_scaling") or rope_params
     if data.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act '{data['hidden_act']}' is not supported (silu only)")
     cfg = ModelConfig(
@@ -169,11 +174,11 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         ffn_dim=_need(data, "intermediate_size", path),
         vocab_size=_need(data, "vocab_size", path),
         norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(data.get("rope_theta", 10000.0)),
+        rope_theta=float(rope_theta),
         max_position_embeddings=int(data.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(data.get("attention_bias", False)),
-        rope_scaling=_rope_scaling(data.get("rope_scaling"), path),
+        rope_scaling=_rope_scaling(rope_scaling, path),
         source_format="hf",
     )
     return _validate(cfg, path)

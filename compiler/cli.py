@@ -1,0 +1,104 @@
+"""`ttcompile MODEL_DIR --target T`: compile a model directory into a program artifact."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .options import BATCH_SIZES, OPTIMIZATIONS, CompileOptions, apply_env
+from .targets import TARGETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ttcompile", description="Compile a Llama-3 / Qwen2.5 model into a TTNN program.",
+        epilog="Environment overrides: TT_CACHE_PATH (--cache), MAX_PREFILL_CHUNK_SIZE "
+               "(thousands of tokens, --max-prefill-chunk), PAD_MLP_CORES, FAKE_DEVICE (--target).")
+    p.add_argument("model_dir", help="Hugging Face or Meta model directory (or a config-only dir with --no-weights)")
+    p.add_argument("--target", help=f"one of {', '.join(TARGETS)} (default N150, or $FAKE_DEVICE)")
+    p.add_argument("-o", "--output", help="artifact folder (default build/<model>-<target>-<optimizations>)")
+    p.add_argument("--optimizations", choices=OPTIMIZATIONS, default="performance")
+    p.add_argument("--batch-size", type=int, default=1, help=f"users per decode batch: {BATCH_SIZES}")
+    p.add_argument("--max-seq-len", type=int, help="longest prompt + generation per user")
+    p.add_argument("--max-prefill-chunk", type=int, help="longest prefill chunk in tokens")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--max-num-blocks", type=int, default=1024)
+    p.add_argument("--no-weights", action="store_true", help="compile from the config alone")
+    p.add_argument("--cache", help="converted-weight cache root (default $TT_CACHE_PATH or ~/.cache/ttcompile)")
+    p.add_argument("--print-after", action="append", default=[], metavar="PASS")
+    p.add_argument("--print-after-all", action="store_true")
+    p.add_argument("--dump", metavar="DIR", help="write the IR after every pass and the program")
+    p.add_argument("--verify", action="store_true", help="run the graph verifier after every pass")
+    p.add_argument("--emit", choices=["python"], help="print the program as ttnn calls")
+    p.add_argument("--report", action="store_true", help="print a per-target summary")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def options_from_args(args, environ=os.environ) -> CompileOptions:
+    explicit = {name for name, value in (("target", args.target), ("cache_dir", args.cache),
+                                         ("max_prefill_chunk", args.max_prefill_chunk)) if value}
+    options = CompileOptions(
+        target=(args.target or "N150"), optimizations=args.optimizations,
+        batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+        max_prefill_chunk=args.max_prefill_chunk, block_size=args.block_size,
+        max_num_blocks=args.max_num_blocks, no_weights=args.no_weights,
+        **({"cache_dir": Path(args.cache)} if args.cache else {}))
+    return apply_env(options, environ, explicit)
+
+
+def _run(args) -> int:
+    from . import artifact
+    from .driver import compile_model
+    from .pipeline import PASS_NAMES, Observer
+
+    options = options_from_args(args)
+    unknown = set(args.print_after) - set(PASS_NAMES)
+    if unknown:
+        raise ValueError(f"--print-after: unknown pass {sorted(unknown)[0]} (passes: {', '.join(PASS_NAMES)})")
+    model_dir = Path(args.model_dir)
+    observer = Observer(verify=args.verify, print_after=set(args.print_after) | ({"all"} if args.print_after_all else set()),
+                        dump_dir=Path(args.dump) if args.dump else None)
+    result = compile_model(model_dir, options, observer)
+    for text in result.printed:
+        print(text)
+    if args.emit == "python":
+        from lowering.emit_python import emit_program
+        print(emit_program(result.program))
+    out = Path(args.output) if args.output else Path("build") / (
+        f"{model_dir.resolve().name}-{result.target.name}-{options.optimizations}")
+    weights_dir, fingerprint = None, None
+    if result.reader is not None:
+        progress = None
+        if not args.quiet:
+            from tqdm import tqdm
+            progress = lambda items: tqdm(items, desc="converting weights", unit="shard", file=sys.stderr)
+        fingerprint = result.reader.fingerprint()
+        weights_dir, converted = artifact.convert_weights(result, options.cache_dir, progress)
+        if not args.quiet and not converted:
+            print(f"reusing converted weights in {weights_dir}", file=sys.stderr)
+    if args.dump:
+        (Path(args.dump) / "program.json").write_text(result.program.dumps())
+    artifact.write_artifact(result, out, model_dir, weights_dir, fingerprint)
+    n_ops = {k: len(f.ops) for k, f in result.program.functions.items()}
+    print(f"wrote {out} ({result.target.name}, {options.optimizations}, "
+          f"{n_ops['prefill']} prefill ops, {n_ops['decode']} decode ops)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:  # user-caused: one line, exit 2, no traceback
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"ttcompile: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ttcompile: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

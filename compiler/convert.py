@@ -1,0 +1,42 @@
+"""Evaluate weight recipes on real checkpoint tensors (the only place weights are read)."""
+from __future__ import annotations
+
+import torch
+
+from models_ref.config import ModelConfig
+from models_ref.rope import cos_sin_tables, transformation_matrix
+
+
+class RecipeEvaluator:
+    """recipe (nested JSON list) -> tensor. Rope tables are computed once and shared."""
+
+    def __init__(self, reader, cfg: ModelConfig):
+        self.reader, self.cfg = reader, cfg
+        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, recipe: list) -> torch.Tensor:
+        kind, *args = recipe
+        if kind == "source":
+            return self.reader.get(args[0])
+        if kind == "transpose":
+            return self(args[0]).t().contiguous()
+        if kind == "concat":
+            dim, parts = args
+            return torch.cat([self(p) for p in parts], dim=dim)
+        if kind == "reshape":
+            shape, inner = args
+            return self(inner).reshape(shape)
+        if kind == "rope_table":
+            which, rows = args
+            if rows not in self._rope:
+                self._rope[rows] = cos_sin_tables(self.cfg, rows)
+            return self._rope[rows][0 if which == "cos" else 1]
+        if kind == "rope_trans_mat":
+            return transformation_matrix().reshape(1, 1, 32, 32)
+        raise ValueError(f"unknown weight recipe step '{kind}'")
+
+
+def storage_dtype(device_dtype: str) -> torch.dtype:
+    """What the cache stores for a device dtype: block floats are quantised at load time
+    from bfloat16, as the reference hands ttnn bfloat16 torch tensors."""
+    return torch.float32 if device_dtype == "float32" else torch.bfloat16

@@ -1,0 +1,74 @@
+"""The TTNN ops a program may contain, with their parameter names as ttnn 0.81.1 has them.
+
+Every entry needs an emulator implementation (runtime/emulator/ops.py) and a ttnn
+implementation (runtime/ttnn_backend); tests/test_optable.py fails when one is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str  # the ttnn attribute path, e.g. "ttnn.experimental.nlp_concat_heads"
+    params: tuple[str, ...]  # positional parameters, in order
+    kwargs: tuple[str, ...] = ()  # keyword parameters the lowering may pass
+    outputs: int = 1  # number of result tensors (0: writes its first input in place)
+    doc: str = ""
+
+
+_DEFS = [
+    OpDef("ttnn.embedding", ("input_tensor", "weight"), ("layout", "dtype", "memory_config"),
+          doc="rows of weight for uint32 ids [1, R] -> [1, R, D]"),
+    OpDef("ttnn.unsqueeze_to_4D", ("tensor",), doc="prepend 1-dims up to rank 4"),
+    OpDef("ttnn.transpose", ("input_tensor", "dim1", "dim2"), ("memory_config",)),
+    OpDef("ttnn.reshape", ("input_tensor", "shape"), ("memory_config",)),
+    OpDef("ttnn.slice", ("input_tensor", "slice_start", "slice_end"), ("memory_config",)),
+    OpDef("ttnn.typecast", ("input_tensor", "dtype"), ("memory_config",)),
+    OpDef("ttnn.rms_norm", ("input_tensor",),
+          ("epsilon", "weight", "memory_config", "compute_kernel_config")),
+    OpDef("ttnn.linear", ("input_tensor_a", "input_tensor_b"),
+          ("bias", "dtype", "memory_config", "compute_kernel_config", "activation")),
+    OpDef("ttnn.add", ("input_tensor_a", "input_tensor_b"), ("dtype", "memory_config")),
+    OpDef("ttnn.mul", ("input_tensor_a", "input_tensor_b"),
+          ("input_tensor_a_activations", "dtype", "memory_config")),
+    OpDef("ttnn.silu", ("input_tensor",), ("memory_config",)),
+    OpDef("ttnn.experimental.nlp_create_qkv_heads", ("input",),
+          ("num_heads", "num_kv_heads", "transpose_k_heads", "memory_config"), outputs=3,
+          doc="[1, 1, S, (H+2Hkv)hd] -> q [1, H, S, hd], k/v [1, Hkv, S, hd]"),
+    OpDef("ttnn.experimental.nlp_create_qkv_heads_decode", ("input",),
+          ("num_heads", "num_kv_heads", "memory_config"), outputs=3,
+          doc="[1, 1, B, (H+2Hkv)hd] -> q [1, B, H, hd], k/v [1, B, Hkv, hd] (heads tile-padded)"),
+    OpDef("ttnn.experimental.rotary_embedding_llama",
+          ("input_tensor", "cos_cache", "sin_cache", "trans_mat"),
+          ("is_decode_mode", "memory_config", "compute_kernel_config"),
+          doc="x * cos + (x @ trans_mat) * sin per 32-wide tile; interleaved pairs"),
+    OpDef("ttnn.fill_cache", ("cache_tensor", "input_tensor", "batch_idx"), outputs=0,
+          doc="cache[batch_idx, :, :S] = input[0] (in place)"),
+    OpDef("ttnn.experimental.paged_update_cache", ("cache_tensor", "input_tensor"),
+          ("update_idxs_tensor", "page_table"), outputs=0,
+          doc="cache[b, :, update_idxs[b]] = input[0, b] (in place, repacks to cache dtype)"),
+    OpDef("ttnn.transformer.scaled_dot_product_attention",
+          ("input_tensor_q", "input_tensor_k", "input_tensor_v"),
+          ("is_causal", "scale", "compute_kernel_config", "program_config", "memory_config")),
+    OpDef("ttnn.transformer.scaled_dot_product_attention_decode",
+          ("input_tensor_q", "input_tensor_k", "input_tensor_v"),
+          ("cur_pos_tensor", "scale", "compute_kernel_config", "program_config", "memory_config")),
+    OpDef("ttnn.experimental.nlp_concat_heads", ("input_tensor",), ("memory_config",)),
+    OpDef("ttnn.experimental.nlp_concat_heads_decode", ("input_tensor",),
+          ("num_heads", "memory_config")),
+]
+
+OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}
+
+
+def check_op(name: str, args: list, kwargs: dict) -> None:
+    """Raise ValueError if a program op does not match the table."""
+    d = OPS.get(name)
+    if d is None:
+        raise ValueError(f"unknown op {name}")
+    if len(args) != len(d.params):
+        raise ValueError(f"{name}: {len(args)} positional arguments, expected {d.params}")
+    unknown = set(kwargs) - set(d.kwargs)
+    if unknown:
+        raise ValueError(f"{name}: unknown keyword arguments {sorted(unknown)}")

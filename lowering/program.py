@@ -1,0 +1,132 @@
+"""The program IR: what `ttcompile` writes and both backends execute.
+
+A Program is data. Tensors are named; an op reads tensor names and literals and writes
+output names. In op arguments a string "%name" is a tensor, "$name" (or "$name+32") a
+host integer passed per call, anything else a literal. Shapes may contain "S", the
+prefill row count, which is fixed per call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+SEQ = "S"
+_SCALAR = re.compile(r"^\$([a-z_]+)(?:\+(\d+))?$")
+
+
+@dataclass
+class TensorSpec:
+    shape: list  # ints and SEQ
+    dtype: str
+    layout: str = "TILE"  # TILE | ROW_MAJOR
+    memory: str = "DRAM"  # DRAM | L1
+    kind: str = "activation"  # input | weight | state | activation
+    layer: int | None = None
+
+    def concrete(self, seq: int | None) -> tuple[int, ...]:
+        return tuple(seq if d == SEQ else d for d in self.shape)
+
+
+@dataclass
+class InputSpec:
+    """A per-call input: built on the host from a named host array (`source`)."""
+
+    name: str
+    source: str  # "tokens" | "positions"
+    shape: list
+    dtype: str
+    layout: str = "ROW_MAJOR"
+
+
+@dataclass
+class Op:
+    op: str
+    args: list
+    kwargs: dict
+    out: list[str]
+    node: str = ""
+    layer: int | None = None
+
+
+@dataclass
+class Function:
+    name: str
+    inputs: list[InputSpec]
+    scalars: list[str]
+    outputs: list[str]
+    ops: list[Op]
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)  # activations + inputs
+
+
+@dataclass
+class Program:
+    target: str
+    mesh_shape: list[int]
+    model: dict
+    options: dict
+    weights: dict[str, dict]  # name -> WeightSpec.to_json()
+    state: dict[str, TensorSpec]
+    functions: dict[str, Function]
+    format_version: int = FORMAT_VERSION
+
+    # -------------------------------------------------------------- (de)serialisation
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Program":
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"program format {data.get('format_version')} is not {FORMAT_VERSION}")
+        functions = {}
+        for name, f in data["functions"].items():
+            functions[name] = Function(
+                name=f["name"],
+                inputs=[InputSpec(**i) for i in f["inputs"]],
+                scalars=list(f["scalars"]),
+                outputs=list(f["outputs"]),
+                ops=[Op(**o) for o in f["ops"]],
+                tensors={k: TensorSpec(**v) for k, v in f["tensors"].items()},
+            )
+        return cls(
+            target=data["target"], mesh_shape=list(data["mesh_shape"]), model=data["model"],
+            options=data["options"], weights=data["weights"],
+            state={k: TensorSpec(**v) for k, v in data["state"].items()},
+            functions=functions, format_version=data["format_version"],
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> "Program":
+        return cls.from_json(json.loads(text))
+
+
+# ------------------------------------------------------------------ argument helpers
+def is_tensor_ref(a) -> bool:
+    return isinstance(a, str) and a.startswith("%")
+
+
+def tensor_name(a: str) -> str:
+    return a[1:]
+
+
+def resolve_scalar(a, scalars: dict[str, int]):
+    """Literal or "$name[+k]" -> value; lists are resolved element-wise."""
+    if isinstance(a, list):
+        return [resolve_scalar(x, scalars) for x in a]
+    if isinstance(a, str):
+        m = _SCALAR.match(a)
+        if m:
+            return scalars[m.group(1)] + int(m.group(2) or 0)
+    return a
+
+
+def tensor_refs(op: Op) -> list[str]:
+    """Names of the tensors an op reads, in argument order."""
+    refs = [tensor_name(a) for a in op.args if is_tensor_ref(a)]
+    refs += [tensor_name(v) for v in op.kwargs.values() if is_tensor_ref(v)]
+    return refs

@@ -1,0 +1,182 @@
+"""Emulator implementations of the TTNN op table, with ttnn's semantics, in torch.
+
+Tensor arguments arrive as torch tensors at their logical (unpadded) shapes; zero tile
+padding cannot change any of these results, so it is accounted for in the program's
+specs rather than materialised. Results are cast to the op's output dtype by the
+executor (bfloat16 rounding, or block-float quantisation for bfloat8_b/bfloat4_b).
+Reductions, norms, rotary and attention compute in float32, as the device's fp32
+accumulation does; matmuls take the operand dtypes as stored.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import blockfloat
+
+TILE = 32
+IMPLS = {}
+
+
+def impl(name):
+    def register(fn):
+        IMPLS[name] = fn
+        return fn
+    return register
+
+
+def quantize_like(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round `values` to a device dtype; block floats are held in bfloat16 (exactly)."""
+    if dtype in blockfloat.FORMATS:
+        q = blockfloat.quantize(values.detach().float().numpy(), dtype)
+        return torch.from_numpy(q).to(torch.bfloat16)
+    return values.to(TORCH_DTYPES[dtype])
+
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "bfloat8_b": torch.bfloat16,
+                "bfloat4_b": torch.bfloat16, "uint32": torch.int64, "int32": torch.int64}
+
+
+@impl("ttnn.embedding")
+def embedding(ids, weight, layout="TILE", dtype=None, memory_config=None):
+    return F.embedding(ids.long(), weight)
+
+
+@impl("ttnn.unsqueeze_to_4D")
+def unsqueeze_to_4d(t):
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+@impl("ttnn.transpose")
+def transpose(t, dim1, dim2, memory_config=None):
+    return t.transpose(dim1, dim2)
+
+
+@impl("ttnn.reshape")
+def reshape(t, shape, memory_config=None):
+    return t.reshape(shape)
+
+
+@impl("ttnn.slice")
+def slice_(t, slice_start, slice_end, memory_config=None):
+    return t[tuple(slice(s, e) for s, e in zip(slice_start, slice_end))]
+
+
+@impl("ttnn.typecast")
+def typecast(t, dtype, memory_config=None):
+    return t  # the executor rounds to the output spec's dtype
+
+
+@impl("ttnn.rms_norm")
+def rms_norm(x, epsilon=1e-12, weight=None, memory_config=None, compute_kernel_config=None):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
+    return y * weight.reshape(-1).float() if weight is not None else y
+
+
+@impl("ttnn.linear")
+def linear(a, b_t, bias=None, dtype=None, memory_config=None, compute_kernel_config=None, activation=None):
+    # b_t is the [N, K] copy the executor keeps of a [K, N] weight (F.linear's fast path).
+    if a.dtype != b_t.dtype:
+        a = a.to(b_t.dtype)
+    out = F.linear(a, b_t, None if bias is None else bias.reshape(-1).to(b_t.dtype))
+    return out
+
+
+@impl("ttnn.add")
+def add(a, b, dtype=None, memory_config=None):
+    return a.float() + b.float() if a.dtype != b.dtype else a + b
+
+
+@impl("ttnn.mul")
+def mul(a, b, input_tensor_a_activations=None, dtype=None, memory_config=None):
+    if input_tensor_a_activations:
+        assert list(input_tensor_a_activations) == ["silu"], input_tensor_a_activations
+        return F.silu(a.float()) * b.float()
+    return a * b
+
+
+@impl("ttnn.silu")
+def silu(x, memory_config=None):
+    return F.silu(x.float())
+
+
+def _split_qkv(x, num_heads, num_kv_heads):
+    head_dim = x.shape[-1] // (num_heads + 2 * num_kv_heads)
+    q_end, k_end = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    rows = x.shape[2]
+    return [x[..., a:b].reshape(1, rows, n, head_dim)
+            for a, b, n in ((0, q_end, num_heads), (q_end, k_end, num_kv_heads),
+                            (k_end, x.shape[-1], num_kv_heads))]
+
+
+@impl("ttnn.experimental.nlp_create_qkv_heads")
+def nlp_create_qkv_heads(x, num_heads, num_kv_heads, transpose_k_heads=True, memory_config=None):
+    q, k, v = (t.transpose(1, 2) for t in _split_qkv(x, num_heads, num_kv_heads))
+    return [q, k.transpose(2, 3) if transpose_k_heads else k, v]
+
+
+@impl("ttnn.experimental.nlp_create_qkv_heads_decode")
+def nlp_create_qkv_heads_decode(x, num_heads, num_kv_heads, memory_config=None):
+    return _split_qkv(x, num_heads, num_kv_heads)
+
+
+@impl("ttnn.experimental.rotary_embedding_llama")
+def rotary_embedding_llama(x, cos, sin, trans_mat, is_decode_mode=False, memory_config=None,
+                           compute_kernel_config=None):
+    xf = x.float()
+    tiles = xf.reshape(*xf.shape[:-1], -1, TILE)
+    rotated = (tiles @ trans_mat.reshape(TILE, TILE).float()).reshape(xf.shape)
+    return xf * cos.float() + rotated * sin.float()
+
+
+@impl("ttnn.fill_cache")
+def fill_cache(cache, x, batch_idx, cache_dtype="bfloat16"):
+    cache[batch_idx, :, : x.shape[2]] = x[0].to(cache.dtype)
+
+
+@impl("ttnn.experimental.paged_update_cache")
+def paged_update_cache(cache, x, update_idxs_tensor=None, page_table=None, cache_dtype="bfloat16"):
+    users = torch.arange(x.shape[1])
+    rows = quantize_like(x[0], cache_dtype) if cache_dtype in blockfloat.FORMATS else x[0]
+    cache[users, :, update_idxs_tensor.long()] = rows.to(cache.dtype)
+
+
+def _attend(q, k, v, scale, mask=None, causal=False):
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                          is_causal=causal, scale=scale)
+
+
+@impl("ttnn.transformer.scaled_dot_product_attention")
+def sdpa(q, k, v, is_causal=True, scale=None, compute_kernel_config=None, program_config=None,
+         memory_config=None):
+    return _attend(q, k, v, scale, causal=is_causal)
+
+
+@impl("ttnn.transformer.scaled_dot_product_attention_decode")
+def sdpa_decode(q, k_cache, v_cache, cur_pos_tensor=None, scale=None, compute_kernel_config=None,
+                program_config=None, memory_config=None):
+    # Like flash-decode, read the cache only up to the furthest user's position.
+    batch = q.shape[1]
+    pos = cur_pos_tensor.long()
+    length = int(pos.max()) + 1
+    k, v = k_cache[:batch, :, :length], v_cache[:batch, :, :length]
+    visible = torch.arange(length)[None, :] <= pos[:, None]  # [B, L]
+    mask = torch.zeros(batch, 1, 1, length).masked_fill(~visible[:, None, None, :], float("-inf"))
+    out = _attend(q[0][:, :, None, :], k, v, scale, mask=mask)  # [B, H, 1, hd]
+    return out[:, :, 0, :][None]
+
+
+@impl("ttnn.experimental.nlp_concat_heads")
+def nlp_concat_heads(x, memory_config=None):
+    _, heads, rows, head_dim = x.shape
+    return x.transpose(1, 2).reshape(1, 1, rows, heads * head_dim)
+
+
+@impl("ttnn.experimental.nlp_concat_heads_decode")
+def nlp_concat_heads_decode(x, num_heads=None, memory_config=None):
+    _, batch, heads, head_dim = x.shape
+    return x[:, :, :num_heads].reshape(1, 1, batch, num_heads * head_dim)

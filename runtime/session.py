@@ -1,0 +1,170 @@
+"""Sessions: a loaded program on a backend, with the host side of generation.
+
+This module never imports torch: the emulator backend does, when it is chosen.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lowering.program import Program
+
+from .sampling import sample
+
+TILE = 32
+BACKENDS = ("emulator", "ttnn")
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+@dataclass
+class Stats:
+    time_to_first_token_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    users: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def tokens_per_s_per_user(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_s + self.decode_s
+        return self.generated_tokens / total if total else 0.0
+
+    def summary(self) -> str:
+        return (f"time to first token {self.time_to_first_token_s * 1000:.0f} ms, "
+                f"{self.tokens_per_s_per_user:.1f} tokens/s/user, {self.tokens_per_s:.1f} tokens/s total "
+                f"({self.users} users, {self.generated_tokens} tokens)")
+
+
+def prefill_rows(length: int) -> int:
+    """Pad a prompt as the reference does: to 128, then to a power of two below 2048 and to
+    a multiple of 2048 above it (ttnn's prefill kernels take these shapes)."""
+    if length <= 128:
+        return 128
+    power = 1 << (length - 1).bit_length()
+    return min(power, -(-length // 2048) * 2048)
+
+
+def read_artifact(path: str | Path) -> tuple[Program, dict]:
+    path = Path(path)
+    if not (path / "program.json").exists():
+        raise ArtifactError(f"{path}: not a ttcompile artifact (no program.json)")
+    try:
+        program = Program.loads((path / "program.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ArtifactError(f"{path}: unreadable artifact ({e})") from None
+    return program, manifest
+
+
+def make_backend(program: Program, manifest: dict, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+    weights_dir = manifest.get("weights")
+    if weights_dir is None:
+        raise ArtifactError("this artifact was compiled with --no-weights; it cannot run")
+    if not (Path(weights_dir) / "index.json").exists():
+        raise ArtifactError(f"converted weights missing at {weights_dir}; run ttcompile again")
+    if backend == "emulator":
+        from .emulator.backend import EmulatorBackend
+        return EmulatorBackend(program, Path(weights_dir))
+    from .ttnn_backend import TtnnBackend  # noqa: F401 (the ttnn backend issue)
+    return TtnnBackend(program, Path(weights_dir))
+
+
+@dataclass
+class Session:
+    path: Path
+    program: Program
+    manifest: dict
+    backend: object
+    stats: Stats = field(default_factory=Stats)
+    _tokenizer: object = None
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.program.options["max_seq_len"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.program.options["batch_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.program.model["vocab_size"])
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_dir(self.path)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ primitives
+    def _check_length(self, length: int) -> None:
+        if length == 0:
+            raise ValueError("empty prompt: give at least one token")
+        if length >= self.max_seq_len:
+            raise ValueError(f"prompt of {length} tokens does not fit max-seq-len {self.max_seq_len} "
+                             "(recompile with a larger --max-seq-len or shorten the prompt)")
+
+    def prefill(self, token_ids: list[int], user_id: int) -> np.ndarray:
+        """Prefill one user; returns the logits [V] at its last prompt position."""
+        self._check_length(len(token_ids))
+        rows = prefill_rows(len(token_ids))
+        tokens = np.zeros((1, rows), dtype=np.int64)
+        tokens[0, : len(token_ids)] = token_ids
+        positions = np.arange(rows, dtype=np.int64)[None]
+        last = len(token_ids) - 1
+        start = (last // TILE) * TILE
+        (logits,) = self.backend.run("prefill", {"tokens": tokens, "positions": positions},
+                                     {"user_id": user_id, "last_tile_start": start})
+        return logits.reshape(-1, logits.shape[-1])[last - start, : self.vocab_size]
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One decode step for the whole batch: tokens/positions [B] -> logits [B, V]."""
+        (logits,) = self.backend.run("decode", {"tokens": tokens[None], "positions": positions[None]})
+        return logits.reshape(-1, logits.shape[-1])[: len(tokens), : self.vocab_size]
+
+    # ------------------------------------------------------------------ public API
+    def teacher_forced_logits(self, token_ids: list[int], prefill_len: int) -> np.ndarray:
+        """Row 0: prefill logits at position prefill_len-1; row i: decode step feeding
+        token_ids[prefill_len+i-1] at that position (predicts token_ids[prefill_len+i])."""
+        token_ids = list(token_ids)
+        if not 0 < prefill_len <= len(token_ids):
+            raise ValueError("prefill_len must be between 1 and len(token_ids)")
+        if len(token_ids) > self.max_seq_len:
+            raise ValueError(f"{len(token_ids)} tokens exceed max-seq-len {self.max_seq_len}")
+        self.backend.reset()
+        rows = [self.prefill(token_ids[:prefill_len], user_id=0)]
+        batch = self.batch_size
+        for pos in range(prefill_len, len(token_ids) - 1):
+            tokens = np.zeros(batch, dtype=np.int64)
+            positions = np.zeros(batch, dtype=np.int64)
+            tokens[0], positions[0] = token_ids[pos], pos
+            rows.append(self.decode(tokens, positions)[0])
+        return np.stack(rows).astype(np.float32)
+
+    def generate(self, prompts, max_generated_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                 instruct: bool | None = None, on_token=None) -> list:
+        from .generator import generate
+        return generate(self, prompts, max_generated_tokens, temperature, top_p, seed,
+                        stop_at_eos, instruct, on_token)
+
+
+def load(path: str | Path, backend: str = "emulator") -> Session:
+    program, manifest = read_artifact(path)
+    return Session(Path(path), program, manifest, make_backend(program, manifest, backend))
