@@ -101,9 +101,18 @@ def _need(data: dict, key: str, path: Path, kind=int):
     return value
 
 
+def _optional(data: dict, key: str, path: Path, default, kind=int):
+    """A field that may be absent (default) but, when given, must be well-formed."""
+    if data.get(key) is None:
+        return default
+    return _need(data, key, path, kind)
+
+
 def _rope_scaling(raw: dict | None, path: Path) -> RopeScaling | None:
     if not raw:
         return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: rope_scaling must be an object, got {raw!r}")
     kind = raw.get("rope_type", raw.get("type"))
     if kind in (None, "default"):
         return None
@@ -134,19 +143,21 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         # Vision-language configs (Llama 3.2 Vision) keep the decoder in text_config.
         data = {**data["text_config"], "architectures": data.get("architectures")}
     archs = data.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
     model_type = data.get("model_type")
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
     if family is None and model_type in ARCHITECTURES.values():
         family = model_type
     if family is None:
-        found = ", ".join(archs) or model_type or "none given"
+        found = ", ".join(map(str, archs)) or model_type or "none given"
         raise ConfigError(
             f"{path}: unknown architecture ({found}); supported: {', '.join(ARCHITECTURES)}"
         )
     dim = _need(data, "hidden_size", path)
     n_heads = _need(data, "num_attention_heads", path)
-    n_kv = data.get("num_key_value_heads") or n_heads
-    head_dim = data.get("head_dim")
+    n_kv = _optional(data, "num_key_value_heads", path, n_heads)
+    head_dim = _optional(data, "head_dim", path, None)
     if head_dim is None:
         if dim % n_heads:
             raise ConfigError(
@@ -159,7 +170,11 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
     # transformers 5 writes rope_parameters (theta and scaling together); 4.x wrote
     # rope_theta and rope_scaling. Accept both.
     rope_params = data.get("rope_parameters") or {}
-    rope_theta = data.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    if not isinstance(rope_params, dict):
+        raise ConfigError(f"{path}: rope_parameters must be an object, got {rope_params!r}")
+    rope_theta = _optional(data, "rope_theta", path, None, float)
+    if rope_theta is None:
+        rope_theta = _optional(rope_params, "rope_theta", path, 10000.0, float)
     rope_scaling = data.get("rope_scaling") or rope_params
     if data.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act '{data['hidden_act']}' is not supported (silu only)")
@@ -173,9 +188,9 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         head_dim=head_dim,
         ffn_dim=_need(data, "intermediate_size", path),
         vocab_size=_need(data, "vocab_size", path),
-        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(_optional(data, "rms_norm_eps", path, 1e-6, float)),
         rope_theta=float(rope_theta),
-        max_position_embeddings=int(data.get("max_position_embeddings", 4096)),
+        max_position_embeddings=_optional(data, "max_position_embeddings", path, 4096),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(data.get("attention_bias", False)),
         rope_scaling=_rope_scaling(rope_scaling, path),
@@ -217,13 +232,13 @@ def from_meta_params(path: Path, name: str | None = None,
         dim=dim,
         n_layers=_need(data, "n_layers", path),
         n_heads=n_heads,
-        n_kv_heads=data.get("n_kv_heads") or n_heads,
+        n_kv_heads=_optional(data, "n_kv_heads", path, n_heads),
         head_dim=dim // n_heads,
         ffn_dim=meta_ffn_dim(dim, _need(data, "multiple_of", path), data.get("ffn_dim_multiplier")),
         vocab_size=_need(data, "vocab_size", path),
-        norm_eps=float(data.get("norm_eps", 1e-5)),
-        rope_theta=float(data.get("rope_theta", 500000.0)),
-        max_position_embeddings=int(data.get("max_seq_len", 131072)),
+        norm_eps=float(_optional(data, "norm_eps", path, 1e-5, float)),
+        rope_theta=float(_optional(data, "rope_theta", path, 500000.0, float)),
+        max_position_embeddings=_optional(data, "max_seq_len", path, 131072),
         tie_word_embeddings=bool(tie_word_embeddings),
         qkv_bias=False,
         rope_scaling=rope,
@@ -235,8 +250,10 @@ def from_meta_params(path: Path, name: str | None = None,
 def load_config(model_dir: str | Path) -> ModelConfig:
     """Read the config of an HF (config.json) or Meta (params.json) model directory."""
     model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ConfigError(f"{model_dir}: no such model directory")
     if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir}: not a directory")
+        raise ConfigError(f"{model_dir}: not a directory (give the model's folder)")
     if (model_dir / "config.json").exists():
         return from_hf_config(model_dir / "config.json", name=model_dir.resolve().name)
     if (model_dir / "params.json").exists():

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -132,7 +134,8 @@ class CheckpointReader:
                 )
 
     def where(self, name: str) -> str:
-        return str(self.files[0].parent)
+        """The file to blame for a tensor that is not where it should be."""
+        return str(self.files[0] if len(self.files) == 1 else self.files[0].parent)
 
 
 class SafetensorsReader(CheckpointReader):
@@ -144,9 +147,9 @@ class SafetensorsReader(CheckpointReader):
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                files = sorted({model_dir / f for f in weight_map.values()})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise WeightError(f"{index}: malformed safetensors index") from None
-            files = sorted({model_dir / f for f in weight_map.values()})
             for f in files:
                 if not f.exists():
                     raise WeightError(f"{index}: names shard '{f.name}', which does not exist")
@@ -155,6 +158,7 @@ class SafetensorsReader(CheckpointReader):
         if not files:
             raise WeightError(f"{model_dir}: no *.safetensors weights found")
         self.files = files
+        self._index = index if index.exists() else None
         self._where: dict[str, tuple[Path, str]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._handles = {}
@@ -176,7 +180,9 @@ class SafetensorsReader(CheckpointReader):
         return dict(self._shapes)
 
     def where(self, name):
-        return str(self._where[name][0]) if name in self._where else super().where(name)
+        if name in self._where:
+            return str(self._where[name][0])
+        return str(self._index) if self._index else super().where(name)
 
     def get(self, name: str) -> torch.Tensor:
         path, key = self._where[name]
@@ -208,13 +214,18 @@ def _meta_shard_dim(name: str) -> int | None:
 
 
 def _load_pth(path: Path) -> dict:
+    if not zipfile.is_zipfile(path):
+        raise WeightError(f"{path}: not a torch.save zip checkpoint (truncated, corrupt or a "
+                          "legacy/raw pickle, which is never loaded)")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError for corrupt zips
-        raise WeightError(
-            f"{path}: refused or unreadable checkpoint ({_first_line(e)}); only plain tensor "
-            "checkpoints are loaded, never pickled code"
-        ) from None
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors"
+        raise WeightError(f"{path}: refused: {what}; only plain tensor checkpoints are loaded, "
+                          "pickled code is never run") from None
+    except Exception as e:  # RuntimeError and others for corrupt zips
+        raise WeightError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
 
 
 class MetaReader(CheckpointReader):
@@ -228,6 +239,9 @@ class MetaReader(CheckpointReader):
         for f, shard in zip(self.files, self._shards):
             if not isinstance(shard, dict):
                 raise WeightError(f"{f}: expected a state dict")
+            bad = next((k for k, v in shard.items() if not isinstance(v, torch.Tensor)), None)
+            if bad is not None:
+                raise WeightError(f"{f}: entry '{bad}' is not a tensor")
         tied = "output.weight" not in self._shards[0]
         self.cfg = cfg.replace(tie_word_embeddings=tied)
 
