@@ -10,8 +10,13 @@ from .options import BATCH_SIZES, OPTIMIZATIONS, CompileOptions, apply_env
 from .targets import TARGETS
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as for every other bad input (usage is in --help)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ttcompile", description="Compile a Llama-3 / Qwen2.5 model into a TTNN program.",
         epilog="Environment overrides: TT_CACHE_PATH (--cache), MAX_PREFILL_CHUNK_SIZE "
                "(thousands of tokens, --max-prefill-chunk), PAD_MLP_CORES, FAKE_DEVICE (--target).")

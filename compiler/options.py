@@ -35,6 +35,12 @@ class CompileOptions:
             )
         if self.max_seq_len is not None and self.max_seq_len < 128:
             raise ValueError(f"max-seq-len {self.max_seq_len} is too small (at least 128)")
+        if self.block_size < 32 or self.block_size % 32:
+            raise ValueError(f"block size {self.block_size} must be a positive multiple of 32 (the tile height)")
+        if self.max_num_blocks < 1:
+            raise ValueError(f"max-num-blocks {self.max_num_blocks} must be at least 1")
+        if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
+            raise ValueError(f"max-prefill-chunk {self.max_prefill_chunk} must be a positive number of tokens")
 
     def replace(self, **changes) -> "CompileOptions":
         return dataclasses.replace(self, **changes)
