@@ -26,3 +26,9 @@ class PassContext:
     @property
     def decode(self) -> bool:
         return self.mode == "decode"
+
+    def propagate(self, gm, inputs: dict | None = None) -> None:
+        """Refresh node.meta[VAL] (per-chip shapes) by running the graph on meta tensors."""
+        from .shapes import propagate
+        propagate(gm, self.facts, self.example_inputs if inputs is None else inputs,
+                  self.target.mesh_shape)

@@ -26,6 +26,17 @@ class RecipeEvaluator:
         if kind == "reshape":
             shape, inner = args
             return self(inner).reshape(shape)
+        if kind == "select_heads":  # pick head blocks along dim; -1 is a zero (padded) head
+            dim, head_dim, heads, inner = args
+            t = self(inner)
+            blocks = t.split(head_dim, dim=dim)
+            zero = torch.zeros_like(blocks[0])
+            return torch.cat([blocks[h] if h >= 0 else zero for h in heads], dim=dim)
+        if kind == "pad":  # zero-pad dim up to size
+            dim, size, inner = args
+            t = self(inner)
+            pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
+            return torch.nn.functional.pad(t, pad)
         if kind == "rope_table":
             which, rows = args
             if rows not in self._rope:

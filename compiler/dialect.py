@@ -48,17 +48,29 @@ def gated_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tens
     return F.silu(torch.matmul(x, w1)) * torch.matmul(x, w3)
 
 
+def all_reduce(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum per-chip partial values over the chips of one mesh axis (shape unchanged)."""
+    return x.clone()
+
+
+def all_gather(x: torch.Tensor, dim: int, axis: int, size: int) -> torch.Tensor:
+    """Concatenate the chips' pieces along `dim` over one mesh axis of `size` chips."""
+    return torch.cat([x] * size, dim=dim)
+
+
 DIALECT = {
     f.__name__: f
     for f in (
         ref.embed, ref.rms_norm, ref.split_heads, ref.merge_heads, ref.rotary, ref.rope_rows,
         ref.fill_cache, ref.update_cache, ref.causal_attention, ref.decode_attention,
         ref.last_tile, linear, add, mul, silu, qkv_heads, gated_mlp, operator.getitem,
+        all_reduce, all_gather,
     )
 }
 
 # Ops that write device state: never dead, never reordered across each other.
 SIDE_EFFECTS = frozenset({ref.fill_cache, ref.update_cache})
+COLLECTIVES = frozenset({all_reduce, all_gather})
 
 
 def op_name(node) -> str:

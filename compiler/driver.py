@@ -45,8 +45,7 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
                   observer: Observer | None = None) -> CompileResult:
     target = get_target(options.target)
     if not target.supported:
-        raise CompileError(f"target {target.name} is not yet supported (multi-chip sharding is "
-                           "not implemented in this version; use N150)")
+        raise CompileError(f"target {target.name} is not yet supported")
     if options.no_weights:
         reader, cfg = None, load_config(model_dir)
     else:
@@ -61,7 +60,8 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
         functions[mode] = lower(gm, ctx)
         weights.update(device_weights(ctx.facts))
         for name, spec in ctx.facts.state.items():
-            state[name] = TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer)
+            state[name] = TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer,
+                                     spec.placement.to_json())
         counters.update({f"{mode}.{k}": v for k, v in ctx.counters.items()})
     program = Program(
         target=target.name, mesh_shape=list(target.mesh_shape), model=cfg.to_json(),

@@ -5,6 +5,7 @@ node.meta keys:
   refreshed by `compiler.shapes.propagate` after every pass.
 - PRECISION: a `Precision`, the device dtype and math fidelity of the node's output.
 - LAYER: the decoder layer the node came from (None for embedding and head).
+- PLACEMENT: a `Placement`, how the node's value is laid out over the mesh (set by shard).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 VAL = "val"
 PRECISION = "tt_precision"
 LAYER = "tt_layer"
+PLACEMENT = "tt_placement"
 
 DEVICE_DTYPES = ("float32", "bfloat16", "bfloat8_b", "bfloat4_b", "uint32", "int32")
 FIDELITIES = ("LoFi", "HiFi2", "HiFi3", "HiFi4")
@@ -26,6 +28,38 @@ class Precision:
     def __post_init__(self):
         assert self.dtype in DEVICE_DTYPES, self.dtype
         assert self.fidelity in FIDELITIES, self.fidelity
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a tensor lies on the mesh. `dim` is the tensor dim split evenly over the chips
+    of mesh `axes` (flattened row-major), None when every chip holds all of it. `partial`
+    marks per-chip partial sums that a reduction must still add up."""
+
+    dim: int | None = None
+    axes: tuple[int, ...] = ()
+    partial: bool = False
+
+    def local_shape(self, shape, mesh_shape) -> tuple[int, ...]:
+        shape = tuple(shape)
+        if self.dim is None:
+            return shape
+        parts = 1
+        for axis in self.axes:
+            parts *= mesh_shape[axis]
+        assert shape[self.dim] % parts == 0, (shape, self)
+        return shape[: self.dim] + (shape[self.dim] // parts,) + shape[self.dim + 1:]
+
+    def to_json(self) -> dict:
+        return {"dim": self.dim, "axes": list(self.axes), "partial": self.partial}
+
+    def __str__(self) -> str:
+        if self.partial:
+            return "partial"
+        return "replicated" if self.dim is None else f"shard(dim={self.dim}, axes={list(self.axes)})"
+
+
+REPLICATED = Placement()
 
 
 @dataclass
@@ -42,10 +76,11 @@ class WeightSpec:
     dtype: str = "bfloat16"
     layout: str = "TILE"
     layer: int | None = None
+    placement: Placement = REPLICATED  # `shape` is the whole (global) tensor
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "dtype": self.dtype, "layout": self.layout,
-                "recipe": self.recipe, "layer": self.layer}
+                "recipe": self.recipe, "layer": self.layer, "placement": self.placement.to_json()}
 
 
 @dataclass
@@ -57,6 +92,7 @@ class StateSpec:
     dtype: str = "bfloat16"
     layer: int | None = None
     init: str = "zeros"
+    placement: Placement = REPLICATED
 
 
 @dataclass

@@ -6,17 +6,16 @@ from pathlib import Path
 
 import torch.fx
 
-from passes import canonicalize, fuse_mlp, fuse_qkv, precision
+from passes import canonicalize, fuse_mlp, fuse_qkv, precision, shard
 
 from .printer import graph_text
-from .shapes import propagate
 from .verify import verify
 
-PIPELINE = [canonicalize, fuse_qkv, fuse_mlp, precision]
+PIPELINE = [canonicalize, fuse_qkv, fuse_mlp, shard, precision]
 
 # Passes that must run before others, checked at import rather than trusted to a comment.
 ORDER_CONSTRAINTS = [("canonicalize", "fuse_qkv"), ("canonicalize", "fuse_mlp"),
-                     ("fuse_qkv", "precision"), ("fuse_mlp", "precision")]
+                     ("fuse_qkv", "shard"), ("fuse_mlp", "shard"), ("shard", "precision")]
 
 PASS_NAMES = [p.NAME for p in PIPELINE]
 for _before, _after in ORDER_CONSTRAINTS:
@@ -49,7 +48,7 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx, observer: Observer | None = None
     for index, pass_module in enumerate(PIPELINE, start=1):
         try:
             gm = pass_module.run(gm, ctx)
-            propagate(gm, ctx.facts, ctx.example_inputs)
+            ctx.propagate(gm)
         except Exception as e:
             raise RuntimeError(f"pass '{pass_module.NAME}' failed on the {ctx.mode} graph: {e}") from e
         observer.after(index, pass_module.NAME, gm, ctx)

@@ -5,7 +5,7 @@ import torch
 import torch.fx
 
 from .dialect import op_name
-from .facts import LAYER, PRECISION, VAL
+from .facts import LAYER, PLACEMENT, PRECISION, REPLICATED, VAL
 
 
 def _type(node) -> str:
@@ -18,7 +18,9 @@ def _type(node) -> str:
     else:
         text = type(val).__name__
     prec = node.meta.get(PRECISION)
-    return f"{text} {prec.dtype}" if prec else text
+    text = f"{text} {prec.dtype}" if prec else text
+    placement = node.meta.get(PLACEMENT)
+    return f"{text} {placement}" if placement is not None and placement != REPLICATED else text
 
 
 def _arg(a) -> str:
@@ -39,8 +41,9 @@ def graph_text(gm: torch.fx.GraphModule, ctx, header: str) -> str:
         elif node.op == "get_attr":
             spec = ctx.facts.weights.get(node.target) or ctx.facts.state.get(node.target)
             kind = "state" if node.target in ctx.facts.state else "weight"
+            placed = "" if spec.placement == REPLICATED else f" {spec.placement}"
             lines.append(f"%{node.name} = {kind} \"{node.target}\" : "
-                         f"{'x'.join(map(str, spec.shape))} {spec.dtype}{where}")
+                         f"{'x'.join(map(str, spec.shape))} {spec.dtype}{placed}{where}")
         elif node.op == "call_function":
             args = ", ".join(_arg(a) for a in node.args)
             lines.append(f"%{node.name} = {op_name(node)}({args}) : {_type(node)}{where}")

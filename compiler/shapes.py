@@ -11,16 +11,17 @@ SCALAR_EXAMPLES = {"user_id": 0, "last_index": 0}
 
 
 class _MetaInterpreter(torch.fx.Interpreter):
-    def __init__(self, gm, facts: GraphFacts):
+    def __init__(self, gm, facts: GraphFacts, mesh_shape):
         super().__init__(gm)
-        self.facts = facts
+        self.facts, self.mesh_shape = facts, mesh_shape
 
     def get_attr(self, target, args, kwargs):
         spec = self.facts.weights.get(target) or self.facts.state.get(target)
         if spec is None:
             raise KeyError(f"get_attr '{target}' names no weight or state")
-        dtype = torch.float32
-        return torch.empty(spec.shape, dtype=dtype, device="meta")
+        # Graphs are per chip: a sharded weight is seen at its local shape.
+        local = spec.placement.local_shape(spec.shape, self.mesh_shape)
+        return torch.empty(local, dtype=torch.float32, device="meta")
 
     def run_node(self, n):
         result = super().run_node(n)
@@ -28,7 +29,8 @@ class _MetaInterpreter(torch.fx.Interpreter):
         return result
 
 
-def propagate(gm: torch.fx.GraphModule, facts: GraphFacts, inputs: dict[str, object]) -> None:
+def propagate(gm: torch.fx.GraphModule, facts: GraphFacts, inputs: dict[str, object],
+              mesh_shape=(1, 1)) -> None:
     """Run the graph on meta tensors; `inputs` maps placeholder names to example values."""
     args = []
     for node in gm.graph.nodes:
@@ -37,4 +39,4 @@ def propagate(gm: torch.fx.GraphModule, facts: GraphFacts, inputs: dict[str, obj
                 args.append(inputs[node.target])
             else:
                 args.append(SCALAR_EXAMPLES[node.target])
-    _MetaInterpreter(gm, facts).run(*args)
+    _MetaInterpreter(gm, facts, mesh_shape).run(*args)

@@ -17,20 +17,29 @@ class Target:
     l1_bytes_per_core: int = 1464 * 1024
     core_grid: tuple[int, int] = (8, 8)
     links: int = 1  # ethernet links used by collectives between neighbours
+    tp_axes: tuple[int, ...] = (1,)  # mesh axes tensor parallelism spans (flattened)
     supported: bool = True  # compiled end to end by this version
 
     @property
     def num_chips(self) -> int:
         return self.mesh_shape[0] * self.mesh_shape[1]
 
+    @property
+    def tp_size(self) -> int:
+        """Chips a tensor-parallel weight is split over."""
+        size = 1
+        for axis in self.tp_axes:
+            size *= self.mesh_shape[axis]
+        return size
+
 
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("N150", (1, 1)),
-        Target("N300", (1, 2), supported=False),
-        Target("T3K", (1, 8), supported=False),
-        Target("TG", (8, 4), links=2, core_grid=(7, 10), supported=False),
+        Target("N300", (1, 2)),
+        Target("T3K", (1, 8)),
+        Target("TG", (8, 4), links=2, core_grid=(7, 10), tp_axes=(0, 1)),
     )
 }
 

@@ -12,7 +12,6 @@ from passes.util import layer_of_name
 from .context import PassContext
 from .facts import StateSpec, WeightSpec
 from .options import CompileOptions
-from .shapes import propagate
 from .targets import Target
 
 # Prefill graphs are generic in their row count S. Passes see them propagated at
@@ -50,5 +49,5 @@ def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
         "tokens": torch.empty(1, rows, dtype=torch.int64, device="meta"),
         "positions": torch.empty(rows, dtype=torch.int64, device="meta"),
     }
-    propagate(gm, ctx.facts, ctx.example_inputs)
+    ctx.propagate(gm)
     return gm, ctx

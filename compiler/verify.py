@@ -10,7 +10,7 @@ import torch.fx
 from models_ref import ops as ref
 
 from . import dialect
-from .facts import DEVICE_DTYPES, LAYER, PRECISION, VAL
+from .facts import DEVICE_DTYPES, LAYER, PLACEMENT, PRECISION, REPLICATED, VAL
 
 BLOCK_FLOATS = ("bfloat8_b", "bfloat4_b")
 
@@ -76,11 +76,35 @@ _BLOCK_FLOAT_READERS = {dialect.linear: (1,), dialect.gated_mlp: (1, 2),
                         ref.decode_attention: (1, 2)}
 
 
-def _check_node(node, facts, precise: bool):
+def _placement(node):
+    return node.meta.get(PLACEMENT, REPLICATED)
+
+
+def _check_placements(node):
+    """Where placements meet, they must agree (the shard pass's collectives make them)."""
+    target, args = node.target, node.args
+    if target in (dialect.add, dialect.mul):
+        a, b = _placement(args[0]), _placement(args[1])
+        assert a == b and not a.partial, f"operands placed {a} and {b}"
+    elif target is ref.rms_norm:
+        assert _placement(args[0]) == REPLICATED, f"norm of a {_placement(args[0])} tensor"
+    elif target is dialect.linear:
+        x, w = _placement(args[0]), _placement(args[1])
+        if w.dim == 0:
+            assert x.dim == 3 and x.axes == w.axes, f"row-parallel linear reads a {x} input"
+        else:
+            assert x == REPLICATED, f"column-parallel linear reads a {x} input"
+    elif target is dialect.all_reduce:
+        source = args[0]
+        assert _placement(source).partial, f"all_reduce of a {_placement(source)} tensor"
+
+
+def _check_node(node, facts, precise: bool, mesh_shape=(1, 1)):
     if node.op == "get_attr":
         spec = facts.weights.get(node.target) or facts.state.get(node.target)
         assert spec is not None, f"get_attr '{node.target}' names no weight or state"
-        assert tuple(spec.shape) == _shape(node), f"'{node.target}': spec {spec.shape} vs {_shape(node)}"
+        local = spec.placement.local_shape(spec.shape, mesh_shape)
+        assert tuple(local) == _shape(node), f"'{node.target}': spec {local} vs {_shape(node)}"
         if precise:
             assert spec.dtype in DEVICE_DTYPES, f"'{node.target}': dtype {spec.dtype}"
             if spec.dtype in BLOCK_FLOATS:
@@ -103,6 +127,8 @@ def _check_node(node, facts, precise: bool):
     rule = SHAPE_RULES.get(node.target)
     if rule:
         rule(node)
+    if PLACEMENT in node.meta:
+        _check_placements(node)
 
 
 def verify(gm: torch.fx.GraphModule, ctx, after: str, precise: bool) -> None:
@@ -112,7 +138,7 @@ def verify(gm: torch.fx.GraphModule, ctx, after: str, precise: bool) -> None:
         raise VerifyError(f"after {after}: graph has {len(outputs)} outputs")
     for node in gm.graph.nodes:
         try:
-            _check_node(node, ctx.facts, precise)
+            _check_node(node, ctx.facts, precise, ctx.target.mesh_shape)
         except AssertionError as e:
             raise VerifyError(f"after {after} ({ctx.mode}): node %{node.name}: {e}") from None
     for name, spec in ctx.facts.weights.items():

@@ -14,8 +14,7 @@ import torch
 import torch.fx
 
 from compiler import dialect
-from compiler.facts import LAYER, PRECISION, VAL, WeightSpec
-from compiler.shapes import propagate
+from compiler.facts import LAYER, PLACEMENT, PRECISION, REPLICATED, VAL, WeightSpec
 from compiler.trace import ALT_SEQ_ROWS
 from models_ref import ops as ref
 
@@ -53,8 +52,11 @@ class Lowering:
 
     # ---------------------------------------------------------------- emission
     def tensor(self, name: str, shape, dtype: str, node, layout="TILE") -> str:
-        self.fn.tensors[name] = TensorSpec(list(shape), dtype, layout, "DRAM", "activation",
-                                           node.meta.get(LAYER) if node is not None else None)
+        placement = node.meta.get(PLACEMENT, REPLICATED) if node is not None else REPLICATED
+        self.fn.tensors[name] = TensorSpec(
+            list(shape), dtype, layout, "DRAM", "activation",
+            node.meta.get(LAYER) if node is not None else None,
+            None if placement == REPLICATED else placement.to_json())
         return name
 
     def emit(self, node, op: str, args: list, kwargs: dict | None = None, out=()) -> list[str]:
@@ -216,6 +218,18 @@ def _gated_mlp(lw: Lowering, node):
               {"input_tensor_a_activations": ["silu"], "dtype": lw.dtype_of(node)})
 
 
+def _all_reduce(lw: Lowering, node):
+    x, axis = node.args
+    lw.result(node, "ttnn.all_reduce", [lw.ref(x)],
+              {"cluster_axis": axis, "num_links": lw.ctx.target.links})
+
+
+def _all_gather(lw: Lowering, node):
+    x, dim, axis, _ = node.args
+    lw.result(node, "ttnn.all_gather", [lw.ref(x), dim],
+              {"cluster_axis": axis, "num_links": lw.ctx.target.links})
+
+
 def _last_tile(lw: Lowering, node):
     x, _ = node.args
     dim = lw.shape_of(x)[-1]
@@ -230,7 +244,7 @@ RULES = {
     ref.causal_attention: _causal_attention, ref.decode_attention: _decode_attention,
     ref.merge_heads: _merge_heads, dialect.add: _binary("ttnn.add"),
     dialect.mul: _binary("ttnn.mul"), dialect.silu: _silu, dialect.gated_mlp: _gated_mlp,
-    ref.last_tile: _last_tile,
+    ref.last_tile: _last_tile, dialect.all_reduce: _all_reduce, dialect.all_gather: _all_gather,
 }
 
 
@@ -261,7 +275,7 @@ def _alt_shapes(gm, ctx) -> dict:
     primary = {n: n.meta.get(VAL) for n in gm.graph.nodes}
     alt_inputs = {k: torch.empty((1, ALT_SEQ_ROWS) if v.dim() == 2 else (ALT_SEQ_ROWS,),
                                  dtype=v.dtype, device="meta") for k, v in ctx.example_inputs.items()}
-    propagate(gm, ctx.facts, alt_inputs)
+    ctx.propagate(gm, alt_inputs)
     alt = {}
     for n in gm.graph.nodes:
         val = n.meta.get(VAL)
@@ -295,7 +309,8 @@ def device_weights(facts) -> dict[str, dict]:
     """
     out = {}
     for name, spec in facts.weights.items():
-        spec = WeightSpec(spec.name, spec.shape, spec.recipe, spec.dtype, spec.layout, spec.layer)
+        spec = WeightSpec(spec.name, spec.shape, spec.recipe, spec.dtype, spec.layout, spec.layer,
+                          spec.placement)
         if name.endswith("norm.weight") and spec.shape[0] % TILE == 0:
             spec.shape = (1, 1, spec.shape[0] // TILE, TILE)
             spec.recipe = ["reshape", list(spec.shape), spec.recipe]

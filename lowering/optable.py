@@ -14,6 +14,7 @@ class OpDef:
     params: tuple[str, ...]  # positional parameters, in order
     kwargs: tuple[str, ...] = ()  # keyword parameters the lowering may pass
     outputs: int = 1  # number of result tensors (0: writes its first input in place)
+    collective: bool = False  # reads every chip's tensor along a mesh axis
     doc: str = ""
 
 
@@ -55,6 +56,12 @@ _DEFS = [
           ("input_tensor_q", "input_tensor_k", "input_tensor_v"),
           ("cur_pos_tensor", "scale", "compute_kernel_config", "program_config", "memory_config")),
     OpDef("ttnn.experimental.nlp_concat_heads", ("input_tensor",), ("memory_config",)),
+    OpDef("ttnn.all_reduce", ("input_tensor",),
+          ("cluster_axis", "num_links", "memory_config", "topology"), collective=True,
+          doc="sum over the chips of mesh axis cluster_axis; every chip gets the sum"),
+    OpDef("ttnn.all_gather", ("input_tensor", "dim"),
+          ("cluster_axis", "num_links", "memory_config", "topology"), collective=True,
+          doc="concatenate the chips' tensors along dim over mesh axis cluster_axis"),
     OpDef("ttnn.experimental.nlp_concat_heads_decode", ("input_tensor",),
           ("num_heads", "memory_config")),
 ]

@@ -25,6 +25,7 @@ class TensorSpec:
     memory: str = "DRAM"  # DRAM | L1
     kind: str = "activation"  # input | weight | state | activation
     layer: int | None = None
+    placement: dict | None = None  # {"dim", "axes", "partial"}; None: replicated
 
     def concrete(self, seq: int | None) -> tuple[int, ...]:
         return tuple(seq if d == SEQ else d for d in self.shape)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch.fx
 
 from compiler import dialect
-from compiler.facts import PRECISION, Precision
+from compiler.facts import PLACEMENT, PRECISION, REPLICATED, Precision
 
 NAME = "precision"
 
@@ -32,6 +32,9 @@ class Policy:
     lm_head: str
     activations: str = "bfloat16"
     embeddings: str = "bfloat16"
+    # Row-parallel matmul outputs that an all_reduce will sum (multi-chip only). Keeping
+    # them in float32 makes a sharded program round once, where one chip rounds once.
+    partial_sums: str = "bfloat16"
     ff1_ff3_fidelity: str = "HiFi2"
     default_fidelity: str = "HiFi2"
     attention_fidelity: str = "HiFi4"
@@ -41,9 +44,10 @@ POLICIES: dict[str, Policy] = {
     "performance": Policy(attention="bfloat8_b", ff1_ff3="bfloat4_b", ff2="bfloat8_b",
                           kv_cache="bfloat8_b", lm_head="bfloat8_b", ff1_ff3_fidelity="LoFi"),
     "accuracy": Policy(attention="bfloat16", ff1_ff3="bfloat8_b", ff2="bfloat8_b",
-                       kv_cache="bfloat16", lm_head="bfloat8_b"),
+                       kv_cache="bfloat16", lm_head="bfloat8_b", partial_sums="float32"),
     "float32": Policy(attention="float32", ff1_ff3="float32", ff2="float32", kv_cache="float32",
                       lm_head="float32", activations="float32", embeddings="float32",
+                      partial_sums="float32",
                       ff1_ff3_fidelity="HiFi4", default_fidelity="HiFi4"),
 }
 
@@ -98,6 +102,8 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         spec.dtype = policy.kv_cache
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            node.meta[PRECISION] = Precision(policy.activations, _fidelity(node, policy))
+            partial = node.meta.get(PLACEMENT, REPLICATED).partial
+            dtype = policy.partial_sums if partial else policy.activations
+            node.meta[PRECISION] = Precision(dtype, _fidelity(node, policy))
     ctx.counters["precision.weights"] = len(ctx.facts.weights)
     return gm

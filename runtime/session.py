@@ -69,7 +69,7 @@ def read_artifact(path: str | Path) -> tuple[Program, dict]:
     return program, manifest
 
 
-def make_backend(program: Program, manifest: dict, backend: str):
+def make_backend(program: Program, manifest: dict, backend: str, system: str | None = None):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
     weights_dir = manifest.get("weights")
@@ -79,7 +79,7 @@ def make_backend(program: Program, manifest: dict, backend: str):
         raise ArtifactError(f"converted weights missing at {weights_dir}; run ttcompile again")
     if backend == "emulator":
         from .emulator.backend import EmulatorBackend
-        return EmulatorBackend(program, Path(weights_dir))
+        return EmulatorBackend(program, Path(weights_dir), system=system)
     from .ttnn_backend import TtnnBackend  # noqa: F401 (the ttnn backend issue)
     return TtnnBackend(program, Path(weights_dir))
 
@@ -165,6 +165,8 @@ class Session:
                         stop_at_eos, instruct, on_token)
 
 
-def load(path: str | Path, backend: str = "emulator") -> Session:
+def load(path: str | Path, backend: str = "emulator", system: str | None = None) -> Session:
+    """Open an artifact on a backend. `system` names the machine the emulator pretends to
+    be (a program for a smaller mesh runs on a sub-mesh of it, as FAKE_DEVICE does)."""
     program, manifest = read_artifact(path)
-    return Session(Path(path), program, manifest, make_backend(program, manifest, backend))
+    return Session(Path(path), program, manifest, make_backend(program, manifest, backend, system))

@@ -1,6 +1,8 @@
 """The CPU emulator backend: executes a Program's ops with torch, one tensor per chip.
 
-Weights are read from the converted-weight cache and rounded to their device dtype once,
+Every tensor is a list with one torch tensor per chip of the program's mesh (row-major).
+Ops run chip by chip; collectives see all chips at once. Weights are read from the
+converted-weight cache, split by their placement and rounded to their device dtype once,
 at load (block floats through the shared numpy quantiser). Each function is prepared
 once into a list of steps with resolved argument getters, so a decode step is a tight
 loop over ops.
@@ -18,7 +20,7 @@ import torch
 from lowering.optable import OPS
 from lowering.program import Function, Program, is_tensor_ref, resolve_scalar, tensor_name
 
-from .ops import IMPLS, TORCH_DTYPES, quantize_like
+from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES, quantize_like
 
 
 class EmulatorError(RuntimeError):
@@ -29,6 +31,7 @@ class EmulatorError(RuntimeError):
 class _Step:
     op: object
     impl: object
+    collective: bool
     args: list  # ("t", name) | ("s", value-template) | ("v", literal)
     kwargs: dict
     out: list[str]
@@ -46,18 +49,59 @@ def _arg(value, tensors):
     return ("v", value)
 
 
+def shard_index(chip: int, mesh_shape, axes) -> int:
+    """Which piece of a tensor split over mesh `axes` chip `chip` holds."""
+    coords = divmod(chip, mesh_shape[1])
+    index = 0
+    for axis in axes:
+        index = index * mesh_shape[axis] + coords[axis]
+    return index
+
+
+def place(tensor: torch.Tensor, placement: dict | None, mesh_shape) -> list[torch.Tensor]:
+    """A global tensor as the per-chip list its placement describes."""
+    chips = mesh_shape[0] * mesh_shape[1]
+    if not placement or placement.get("dim") is None:
+        return [tensor] * chips
+    parts = 1
+    for axis in placement["axes"]:
+        parts *= mesh_shape[axis]
+    pieces = tensor.chunk(parts, dim=placement["dim"])
+    return [pieces[shard_index(c, mesh_shape, placement["axes"])].contiguous() for c in range(chips)]
+
+
+SYSTEMS = {"N150": (1, 1), "N300": (1, 2), "T3K": (1, 8), "TG": (8, 4)}
+
+
 class EmulatorBackend:
     name = "emulator"
 
-    def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None):
+    def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
+                 system: str | None = None):
         self.program = program
+        self.mesh_shape = tuple(program.mesh_shape)
+        self.chips = self.mesh_shape[0] * self.mesh_shape[1]
+        self.system = self._open_system(system)
         self.linear_weights = self._linear_weight_names(program)
-        self.env: dict[str, torch.Tensor] = {}
+        self.env: dict[str, list[torch.Tensor]] = {}
         self._load_weights(weights_dir, weights)
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
         self.ops_executed: Counter = Counter()
+        self.collectives_executed: Counter = Counter()
         self.invocations: Counter = Counter()
+
+    def _open_system(self, system: str | None) -> str:
+        """A program for a smaller mesh runs on a sub-mesh of a larger system (FAKE_DEVICE)."""
+        if system is None:
+            return self.program.target
+        if system not in SYSTEMS:
+            raise ValueError(f"unknown system '{system}' (choose {', '.join(SYSTEMS)})")
+        rows, cols = SYSTEMS[system]
+        if self.mesh_shape[0] > rows or self.mesh_shape[1] > cols:
+            raise ValueError(f"a {self.program.target} program (mesh {list(self.mesh_shape)}) does "
+                             f"not fit a {system} system (mesh {[rows, cols]})")
+        return system
 
     # ------------------------------------------------------------------ loading
     @staticmethod
@@ -83,14 +127,16 @@ class EmulatorBackend:
             if name not in weights:
                 raise EmulatorError(f"weight '{name}' is missing from the converted weights")
             t = quantize_like(weights[name], spec["dtype"])
-            if name in self.linear_weights:
-                t = t.t().contiguous()  # [N, K]: F.linear's layout; values unchanged
-            self.env[name] = t
+            pieces = place(t, spec.get("placement"), self.mesh_shape)
+            if name in self.linear_weights:  # [N, K]: F.linear's layout; values unchanged
+                pieces = [p.t().contiguous() for p in pieces]
+            self.env[name] = pieces
 
     def reset(self) -> None:
         """Zero all device state (KV caches)."""
         for name, spec in self.program.state.items():
-            self.env[name] = torch.zeros(spec.shape, dtype=TORCH_DTYPES[spec.dtype])
+            full = torch.zeros(spec.shape, dtype=TORCH_DTYPES[spec.dtype])
+            self.env[name] = [p.clone() for p in place(full, spec.placement, self.mesh_shape)]
 
     # ------------------------------------------------------------------ preparation
     def _prepare(self, fn: Function) -> list[_Step]:
@@ -101,37 +147,63 @@ class EmulatorBackend:
                 raise EmulatorError(f"op {op.op} has no emulator implementation")
             args = [_arg(a, known) for a in op.args]
             kwargs = {k: _arg(v, known) for k, v in op.kwargs.items()}
+            collective = op.op in COLLECTIVE_IMPLS
+            if collective:
+                kwargs["mesh_shape"] = ("v", self.mesh_shape)
             if OPS[op.op].outputs == 0:
                 cache = tensor_name(op.args[0])
                 kwargs["cache_dtype"] = ("v", self.program.state[cache].dtype)
             dtypes = [fn.tensors[o].dtype for o in op.out]
-            steps.append(_Step(op, IMPLS[op.op], args, kwargs, list(op.out), dtypes))
+            steps.append(_Step(op, IMPLS[op.op], collective, args, kwargs, list(op.out), dtypes))
         return steps
 
     # ------------------------------------------------------------------ execution
-    def run(self, fn_name: str, inputs: dict[str, np.ndarray], scalars: dict[str, int] | None = None,
-            skip: set[int] | None = None) -> list[np.ndarray]:
+    def run(self, fn_name: str, inputs: dict[str, np.ndarray], scalars: dict[str, int] | None = None
+            ) -> list[np.ndarray]:
         fn = self.program.functions[fn_name]
         env = dict(self.env)
         for spec in fn.inputs:
-            env[spec.name] = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.int64)
-                                              ).reshape([d if d != "S" else -1 for d in spec.shape])
+            host = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.int64))
+            env[spec.name] = [host.reshape([d if d != "S" else -1 for d in spec.shape])] * self.chips
         scalars = scalars or {}
+        chips = range(self.chips)
 
-        def value(kind, v):
-            return env[v] if kind == "t" else resolve_scalar(v, scalars) if kind == "s" else v
+        def value(arg, chip):
+            kind, v = arg
+            if kind == "t":
+                return env[v][chip]
+            return resolve_scalar(v, scalars) if kind == "s" else v
 
+        collectives = 0
         with torch.inference_mode():
             for step in self.steps[fn_name]:
-                args = [value(*a) for a in step.args]
-                kwargs = {k: value(*a) for k, a in step.kwargs.items()}
-                result = step.impl(*args, **kwargs)
+                if step.collective:
+                    first, *rest = step.args
+                    results = step.impl(env[first[1]], *[value(a, 0) for a in rest],
+                                        **{k: value(a, 0) for k, a in step.kwargs.items()})
+                    per_chip = [[r] for r in results]
+                    collectives += 1
+                else:
+                    per_chip = []
+                    for chip in chips:
+                        result = step.impl(*[value(a, chip) for a in step.args],
+                                           **{k: value(a, chip) for k, a in step.kwargs.items()})
+                        per_chip.append(result if isinstance(result, (list, tuple)) else [result])
                 if not step.out:
                     continue
-                results = result if isinstance(result, (list, tuple)) else [result]
-                for name, dtype, r in zip(step.out, step.out_dtypes, results):
-                    env[name] = r if r.dtype == TORCH_DTYPES[dtype] and dtype in ("bfloat16", "float32") \
-                        else quantize_like(r, dtype)
+                for i, (name, dtype) in enumerate(zip(step.out, step.out_dtypes)):
+                    env[name] = [_as_device(results_c[i], dtype) for results_c in per_chip]
         self.ops_executed[fn_name] += len(self.steps[fn_name])
+        self.collectives_executed[fn_name] += collectives
         self.invocations[fn_name] += 1
-        return [env[o].float().numpy() for o in fn.outputs]
+        return [env[o][0].float().numpy() for o in fn.outputs]
+
+    def chip_tensor(self, name: str, chip: int) -> torch.Tensor:
+        """What chip `chip` holds for a weight or state tensor (for tests and debugging)."""
+        return self.env[name][chip]
+
+
+def _as_device(value: torch.Tensor, dtype: str) -> torch.Tensor:
+    if value.dtype == TORCH_DTYPES[dtype] and dtype in ("bfloat16", "float32"):
+        return value
+    return quantize_like(value, dtype)

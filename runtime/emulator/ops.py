@@ -77,10 +77,11 @@ def rms_norm(x, epsilon=1e-12, weight=None, memory_config=None, compute_kernel_c
 @impl("ttnn.linear")
 def linear(a, b_t, bias=None, dtype=None, memory_config=None, compute_kernel_config=None, activation=None):
     # b_t is the [N, K] copy the executor keeps of a [K, N] weight (F.linear's fast path).
-    if a.dtype != b_t.dtype:
-        a = a.to(b_t.dtype)
-    out = F.linear(a, b_t, None if bias is None else bias.reshape(-1).to(b_t.dtype))
-    return out
+    # The device accumulates in fp32 and rounds once to the output dtype: a float32 output
+    # is computed in float32, a bfloat16 one with bfloat16 operands (fp32 accumulation).
+    compute = torch.float32 if dtype == "float32" else b_t.dtype
+    a, b_t = a.to(compute), b_t.to(compute)
+    return F.linear(a, b_t, None if bias is None else bias.reshape(-1).to(compute))
 
 
 @impl("ttnn.add")
@@ -180,3 +181,45 @@ def nlp_concat_heads(x, memory_config=None):
 def nlp_concat_heads_decode(x, num_heads=None, memory_config=None):
     _, batch, heads, head_dim = x.shape
     return x[:, :, :num_heads].reshape(1, 1, batch, num_heads * head_dim)
+
+
+# ---------------------------------------------------------------- collectives
+# These take every chip's tensor (a list in row-major chip order) and the mesh shape, and
+# return every chip's result: exactly what the mesh's chips hold after the op.
+COLLECTIVE_IMPLS = {}
+
+
+def collective(name):
+    def register(fn):
+        COLLECTIVE_IMPLS[name] = fn
+        IMPLS[name] = fn
+        return fn
+    return register
+
+
+def _groups(mesh_shape, axis):
+    """Chip indices grouped by every coordinate but `axis`, each group ordered along it."""
+    rows, cols = mesh_shape
+    if axis == 1:
+        return [[r * cols + c for c in range(cols)] for r in range(rows)]
+    return [[r * cols + c for r in range(rows)] for c in range(cols)]
+
+
+@collective("ttnn.all_reduce")
+def all_reduce(inputs, *, mesh_shape, cluster_axis=0, num_links=1, memory_config=None, topology=None):
+    out = [None] * len(inputs)
+    for group in _groups(mesh_shape, cluster_axis):
+        total = sum(inputs[c].float() for c in group)
+        for c in group:
+            out[c] = total
+    return out
+
+
+@collective("ttnn.all_gather")
+def all_gather(inputs, dim, *, mesh_shape, cluster_axis=0, num_links=1, memory_config=None, topology=None):
+    out = [None] * len(inputs)
+    for group in _groups(mesh_shape, cluster_axis):
+        gathered = torch.cat([inputs[c] for c in group], dim=dim)
+        for c in group:
+            out[c] = gathered
+    return out
