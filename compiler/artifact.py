@@ -35,6 +35,15 @@ def _shard_of(name: str, spec: dict) -> str:
     return f"layer_{layer:03d}" if layer is not None else "global"
 
 
+def _mkdtemp(prefix: str, parent: Path) -> Path:
+    """A private temporary folder that becomes an ordinary (umask) one once renamed."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temporary folder into place, replacing an older one."""
     old = None
@@ -51,12 +60,12 @@ def convert_weights(result: CompileResult, cache_root: Path, progress=None) -> t
     from safetensors.torch import save_file
 
     program, reader = result.program, result.reader
-    key = weight_cache_key(reader.fingerprint(), program.weights)
+    key = weight_cache_key(reader.fingerprint(cache_root / "file-hashes.json"), program.weights)
     final = cache_root / program.target / key
     if (final / "index.json").exists():
         return final, False
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    tmp = _mkdtemp(f".{key}.", final.parent)
     try:
         evaluate = RecipeEvaluator(reader, result.cfg)
         shards = defaultdict(list)
@@ -90,7 +99,7 @@ def write_artifact(result: CompileResult, out_dir: Path, model_dir: Path,
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = _mkdtemp(f".{out_dir.name}.", out_dir.parent)
     try:
         (tmp / "program.json").write_text(result.program.dumps())
         copied = copy_tokenizer_files(model_dir, tmp)

@@ -79,7 +79,7 @@ def _run(args) -> int:
         if not args.quiet:
             from tqdm import tqdm
             progress = lambda items: tqdm(items, desc="converting weights", unit="shard", file=sys.stderr)
-        fingerprint = result.reader.fingerprint()
+        fingerprint = result.reader.fingerprint(options.cache_dir / "file-hashes.json")
         weights_dir, converted = artifact.convert_weights(result, options.cache_dir, progress)
         if not args.quiet and not converted:
             print(f"reusing converted weights in {weights_dir}", file=sys.stderr)

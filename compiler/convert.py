@@ -37,6 +37,8 @@ class RecipeEvaluator:
             t = self(inner)
             pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
             return torch.nn.functional.pad(t, pad)
+        if kind == "zeros":
+            return torch.zeros(args[0])
         if kind == "rope_table":
             which, rows = args
             if rows not in self._rope:

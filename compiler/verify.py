@@ -103,6 +103,7 @@ def _check_node(node, facts, precise: bool, mesh_shape=(1, 1)):
     if node.op == "get_attr":
         spec = facts.weights.get(node.target) or facts.state.get(node.target)
         assert spec is not None, f"get_attr '{node.target}' names no weight or state"
+        assert node.users, "dead get_attr: nothing reads it, yet its weight would be converted"
         local = spec.placement.local_shape(spec.shape, mesh_shape)
         assert tuple(local) == _shape(node), f"'{node.target}': spec {local} vs {_shape(node)}"
         if precise:

@@ -7,7 +7,8 @@ from .program import Function, Program, is_tensor_ref, tensor_name
 
 def _py(value) -> str:
     if is_tensor_ref(value):
-        return tensor_name(value)
+        name = tensor_name(value)
+        return name if name.isidentifier() else f"weights[{name!r}]"
     if isinstance(value, str) and value.startswith("$"):
         return value[1:].replace("+", " + ")
     if isinstance(value, list):
@@ -23,7 +24,7 @@ def _py(value) -> str:
 
 
 def emit_function(fn: Function) -> str:
-    params = [i.name for i in fn.inputs] + fn.scalars
+    params = ["weights"] + [i.name for i in fn.inputs] + fn.scalars
     lines = [f"def {fn.name}({', '.join(params)}):"]
     layer = object()
     for op in fn.ops:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -88,20 +89,36 @@ def meta_to_hf_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- fingerprints
-def fingerprint_files(paths: list[Path], extra: str = "") -> str:
-    """Content fingerprint: sizes plus the head, tail and 16 evenly spaced 64 KiB samples.
+def file_digest(path: Path, memo: Path | None = None) -> str:
+    """blake2b of every byte of a file, remembered in `memo` by (path, size, mtime, inode)
+    so that a 140 GB checkpoint is hashed once, not on every compile."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    known = {}
+    if memo is not None and memo.exists():
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            known = {}
+    if key in known:
+        return known[key]
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+    if memo is not None:
+        known[key] = digest
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(memo)
+    return digest
 
-    Hashing every byte of a 140 GB checkpoint would take minutes; any retrained or
-    fine-tuned checkpoint changes bytes everywhere, so samples catch it.
-    """
+
+def fingerprint_files(paths: list[Path], extra: str = "", memo: Path | None = None) -> str:
+    """Content fingerprint of a checkpoint: every byte of every file (names excluded, so a
+    copied or renamed model directory is recognised)."""
     h = hashlib.sha256(extra.encode())
-    for path in sorted(paths):
-        size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            for k in range(18):
-                f.seek(min(size, max(0, size * k // 17 - (65536 if k == 17 else 0))))
-                h.update(f.read(65536))
+    for path in sorted(paths, key=lambda p: p.name):
+        h.update(file_digest(path, memo).encode())
     return h.hexdigest()[:20]
 
 
@@ -118,8 +135,9 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        return fingerprint_files(self.files, extra=json.dumps(self.cfg.to_json(), sort_keys=True))
+    def fingerprint(self, memo: Path | None = None) -> str:
+        arch = {k: v for k, v in self.cfg.to_json().items() if k != "name"}
+        return fingerprint_files(self.files, extra=json.dumps(arch, sort_keys=True), memo=memo)
 
     def validate(self) -> None:
         """Every expected tensor is present with the expected shape."""

@@ -37,14 +37,17 @@ def _projection(node: torch.fx.Node):
     return (part, lin, node) if part in _PARTS else None
 
 
-def _fused_spec(ctx, prefix: str, kind: str, parts: list[str], dim: int) -> WeightSpec | None:
-    specs = [ctx.facts.weights.get(f"{prefix}.{p}.{kind}") for p in parts]
-    if any(s is None for s in specs):
+def _fused_spec(ctx, prefix: str, kind: str, widths: list[int]) -> WeightSpec | None:
+    """The fused [q|k|v] weight (kind "weight") or bias (kind "bias"). A projection
+    without a bias contributes zeros, so a model biased on only some of them keeps its
+    numerics; None when none of the three has one."""
+    specs = [ctx.facts.weights.get(f"{prefix}.{p}.{kind}") for p in _PARTS]
+    if all(s is None for s in specs):
         return None
-    shape = list(specs[0].shape)
-    shape[dim] = sum(s.shape[dim] for s in specs)
-    name = f"{prefix}.wqkv.{kind}"
-    return WeightSpec(name, tuple(shape), ["concat", dim, [s.recipe for s in specs]], layer=specs[0].layer)
+    rows = next(s.shape[0] for s in specs if s is not None)
+    recipes = [s.recipe if s is not None else ["zeros", [rows, w]] for s, w in zip(specs, widths)]
+    layer = next(s.layer for s in specs if s is not None)
+    return WeightSpec(f"{prefix}.wqkv.{kind}", (rows, sum(widths)), ["concat", 1, recipes], layer=layer)
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
@@ -60,8 +63,9 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             continue
         (q_lin, q_split), (_, k_split), (_, v_split) = (parts[p] for p in _PARTS)
         prefix = q_lin.args[1].target.rsplit(".", 2)[0]  # layers.i.attention
-        weight = _fused_spec(ctx, prefix, "weight", list(_PARTS), 1)
-        bias = _fused_spec(ctx, prefix, "bias", list(_PARTS), 1)
+        widths = [ctx.facts.weights[p[0].args[1].target].shape[1] for p in (parts[n] for n in _PARTS)]
+        weight = _fused_spec(ctx, prefix, "weight", widths)
+        bias = _fused_spec(ctx, prefix, "bias", widths)
         for spec in (weight, bias):
             if spec is not None:
                 ctx.facts.weights[spec.name] = spec

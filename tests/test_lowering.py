@@ -255,9 +255,6 @@ def test_emit_python(compiled):
     assert "# layer 1" in text
 
 
-@pytest.mark.xfail(strict=True, reason="emit_python writes weight names as identifiers "
-                   "(`weight=layers.0.attention_norm.weight`), so the readable program is not "
-                   "valid Python (lowering/emit_python.py _py)")
 def test_emit_python_parses(compiled):
     compile(emit_program(compiled[("performance", "llama")].program), "<emitted>", "exec")
 

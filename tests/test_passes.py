@@ -444,9 +444,6 @@ def test_fuse_qkv_does_not_fire(case):
     assert_same_outputs(before, b.run(gm))
 
 
-@pytest.mark.xfail(strict=True, reason="fuse_qkv fuses when only some projections have a bias and "
-                   "drops those biases (it looks for all three bias names, else fuses bias-free): "
-                   "q and k change; it should fuse a zero-padded bias or not fire")
 def test_fuse_qkv_with_bias_on_some_projections_keeps_numerics():
     ctx = make_ctx("prefill")
     b = GraphBuilder(ctx)
