@@ -7,6 +7,7 @@ or state handling matters, through EmulatorBackend on a one-op Program.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,3 +334,25 @@ def test_slice_last_tile():
     x = _randn(1, 1, 70, 16)
     got = IMPLS["ttnn.slice"](x, [0, 0, 64, 0], [1, 1, 96, 16])
     torch.testing.assert_close(got, ref.last_tile(x, 69), atol=0, rtol=0)
+
+
+def test_torch_blockfloat_matches_numpy_reference():
+    """The emulator's torch rounding (hot path) is bit-equal to runtime.blockfloat."""
+    from runtime import blockfloat
+    from runtime.emulator.blockfloat_torch import quantize as quantize_torch
+
+    rng = np.random.default_rng(7)
+    bits = rng.integers(-2**31, 2**31 - 1, size=(40, 70), dtype=np.int64).astype(np.int32).view(np.float32)
+    cases = [
+        rng.standard_normal((64, 96)).astype(np.float32),
+        rng.standard_normal((3, 17)).astype(np.float32) * np.array([1, 100, 1e-6] * 5 + [1, 1], np.float32),
+        np.where(np.isfinite(bits), bits, 0).astype(np.float32),
+        np.zeros((4, 32), np.float32),
+        np.array([[1.0, 2.0 ** -30, -3.5, 1.999, -0.0, 1.0 + 2.0 ** -7] * 6], np.float32),
+        rng.standard_normal((2, 3, 8, 64)).astype(np.float32),
+    ]
+    for x in cases:
+        for fmt in ("bfloat8_b", "bfloat4_b"):
+            want = blockfloat.quantize(x, fmt).view(np.int32)
+            got = quantize_torch(torch.from_numpy(x), fmt).numpy().view(np.int32)
+            assert np.array_equal(want, got), (fmt, x.shape, int((want != got).sum()))

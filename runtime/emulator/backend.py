@@ -70,6 +70,13 @@ def place(tensor: torch.Tensor, placement: dict | None, mesh_shape) -> list[torc
     return [pieces[shard_index(c, mesh_shape, placement["axes"])].contiguous() for c in range(chips)]
 
 
+def matmul_operand(weight_kn: torch.Tensor) -> torch.Tensor:
+    """A `[K, N]` weight as the `[N, K]` operand F.linear wants (values unchanged). Kept in
+    bfloat16: decode is bandwidth-bound, and oneDNN's bf16 kernels accumulate in fp32 as
+    the device does."""
+    return weight_kn.t().contiguous()
+
+
 SYSTEMS = {"N150": (1, 1), "N300": (1, 2), "T3K": (1, 8), "TG": (8, 4)}
 
 
@@ -128,8 +135,8 @@ class EmulatorBackend:
                 raise EmulatorError(f"weight '{name}' is missing from the converted weights")
             t = quantize_like(weights[name], spec["dtype"])
             pieces = place(t, spec.get("placement"), self.mesh_shape)
-            if name in self.linear_weights:  # [N, K]: F.linear's layout; values unchanged
-                pieces = [p.t().contiguous() for p in pieces]
+            if name in self.linear_weights:
+                pieces = [matmul_operand(p) for p in pieces]
             self.env[name] = pieces
 
     def reset(self) -> None:
@@ -166,7 +173,37 @@ class EmulatorBackend:
             host = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.int64))
             env[spec.name] = [host.reshape([d if d != "S" else -1 for d in spec.shape])] * self.chips
         scalars = scalars or {}
-        chips = range(self.chips)
+        collectives = 0
+        with torch.inference_mode():
+            if self.chips == 1:
+                self._run_one_chip(self.steps[fn_name], env, scalars)
+            else:
+                collectives = self._run_mesh(self.steps[fn_name], env, scalars)
+        self.ops_executed[fn_name] += len(self.steps[fn_name])
+        self.collectives_executed[fn_name] += collectives
+        self.invocations[fn_name] += 1
+        return [env[o][0].float().numpy() for o in fn.outputs]
+
+    @staticmethod
+    def _run_one_chip(steps, env, scalars) -> None:
+        """The single-chip loop, kept lean: decode runs it ~500 times per token."""
+        for step in steps:
+            args = [env[v][0] if k == "t" else (resolve_scalar(v, scalars) if k == "s" else v)
+                    for k, v in step.args]
+            kwargs = {name: env[v][0] if k == "t" else (resolve_scalar(v, scalars) if k == "s" else v)
+                      for name, (k, v) in step.kwargs.items()}
+            result = step.impl(*args, **kwargs)
+            if not step.out:
+                continue
+            if len(step.out) == 1:
+                env[step.out[0]] = [_as_device(result, step.out_dtypes[0])]
+            else:
+                for name, dtype, r in zip(step.out, step.out_dtypes, result):
+                    env[name] = [_as_device(r, dtype)]
+
+    def _run_mesh(self, steps, env, scalars) -> int:
+        """Every op on every chip; collectives see all chips. Returns collectives run."""
+        chips, collectives = range(self.chips), 0
 
         def value(arg, chip):
             kind, v = arg
@@ -174,36 +211,34 @@ class EmulatorBackend:
                 return env[v][chip]
             return resolve_scalar(v, scalars) if kind == "s" else v
 
-        collectives = 0
-        with torch.inference_mode():
-            for step in self.steps[fn_name]:
-                if step.collective:
-                    first, *rest = step.args
-                    results = step.impl(env[first[1]], *[value(a, 0) for a in rest],
-                                        **{k: value(a, 0) for k, a in step.kwargs.items()})
-                    per_chip = [[r] for r in results]
-                    collectives += 1
-                else:
-                    per_chip = []
-                    for chip in chips:
-                        result = step.impl(*[value(a, chip) for a in step.args],
-                                           **{k: value(a, chip) for k, a in step.kwargs.items()})
-                        per_chip.append(result if isinstance(result, (list, tuple)) else [result])
-                if not step.out:
-                    continue
-                for i, (name, dtype) in enumerate(zip(step.out, step.out_dtypes)):
-                    env[name] = [_as_device(results_c[i], dtype) for results_c in per_chip]
-        self.ops_executed[fn_name] += len(self.steps[fn_name])
-        self.collectives_executed[fn_name] += collectives
-        self.invocations[fn_name] += 1
-        return [env[o][0].float().numpy() for o in fn.outputs]
+        for step in steps:
+            if step.collective:
+                first, *rest = step.args
+                results = step.impl(env[first[1]], *[value(a, 0) for a in rest],
+                                    **{k: value(a, 0) for k, a in step.kwargs.items()})
+                per_chip = [[r] for r in results]
+                collectives += 1
+            else:
+                per_chip = []
+                for chip in chips:
+                    result = step.impl(*[value(a, chip) for a in step.args],
+                                       **{k: value(a, chip) for k, a in step.kwargs.items()})
+                    per_chip.append(result if isinstance(result, (list, tuple)) else [result])
+            for i, (name, dtype) in enumerate(zip(step.out, step.out_dtypes)):
+                env[name] = [_as_device(results_c[i], dtype) for results_c in per_chip]
+        return collectives
 
     def chip_tensor(self, name: str, chip: int) -> torch.Tensor:
         """What chip `chip` holds for a weight or state tensor (for tests and debugging)."""
         return self.env[name][chip]
 
 
+_PLAIN = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def _as_device(value: torch.Tensor, dtype: str) -> torch.Tensor:
-    if value.dtype == TORCH_DTYPES[dtype] and dtype in ("bfloat16", "float32"):
-        return value
+    """Round an op's result to its output dtype (block floats are held in bfloat16)."""
+    plain = _PLAIN.get(dtype)
+    if plain is not None:
+        return value if value.dtype == plain else value.to(plain)
     return quantize_like(value, dtype)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import blockfloat
+from .blockfloat_torch import quantize as quantize_blockfloat
 
 TILE = 32
 IMPLS = {}
@@ -28,8 +29,7 @@ def impl(name):
 def quantize_like(values: torch.Tensor, dtype: str) -> torch.Tensor:
     """Round `values` to a device dtype; block floats are held in bfloat16 (exactly)."""
     if dtype in blockfloat.FORMATS:
-        q = blockfloat.quantize(values.detach().float().numpy(), dtype)
-        return torch.from_numpy(q).to(torch.bfloat16)
+        return quantize_blockfloat(values, dtype).to(torch.bfloat16)
     return values.to(TORCH_DTYPES[dtype])
 
 
@@ -80,8 +80,8 @@ def linear(a, b_t, bias=None, dtype=None, memory_config=None, compute_kernel_con
     # The device accumulates in fp32 and rounds once to the output dtype: a float32 output
     # is computed in float32, a bfloat16 one with bfloat16 operands (fp32 accumulation).
     compute = torch.float32 if dtype == "float32" else b_t.dtype
-    a, b_t = a.to(compute), b_t.to(compute)
-    return F.linear(a, b_t, None if bias is None else bias.reshape(-1).to(compute))
+    out = F.linear(a.to(compute), b_t.to(compute), None if bias is None else bias.reshape(-1).to(compute))
+    return out if dtype in (None, "float32") or compute == torch.bfloat16 else out.to(torch.bfloat16)
 
 
 @impl("ttnn.add")
@@ -139,8 +139,7 @@ def fill_cache(cache, x, batch_idx, cache_dtype="bfloat16"):
 @impl("ttnn.experimental.paged_update_cache")
 def paged_update_cache(cache, x, update_idxs_tensor=None, page_table=None, cache_dtype="bfloat16"):
     users = torch.arange(x.shape[1])
-    rows = quantize_like(x[0], cache_dtype) if cache_dtype in blockfloat.FORMATS else x[0]
-    cache[users, :, update_idxs_tensor.long()] = rows.to(cache.dtype)
+    cache[users, :, update_idxs_tensor.long()] = quantize_like(x[0], cache_dtype)
 
 
 def _attend(q, k, v, scale, mask=None, causal=False):
@@ -161,14 +160,19 @@ def sdpa(q, k, v, is_causal=True, scale=None, compute_kernel_config=None, progra
 def sdpa_decode(q, k_cache, v_cache, cur_pos_tensor=None, scale=None, compute_kernel_config=None,
                 program_config=None, memory_config=None):
     # Like flash-decode, read the cache only up to the furthest user's position.
-    batch = q.shape[1]
+    _, batch, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[1]
     pos = cur_pos_tensor.long()
     length = int(pos.max()) + 1
-    k, v = k_cache[:batch, :, :length], v_cache[:batch, :, :length]
-    visible = torch.arange(length)[None, :] <= pos[:, None]  # [B, L]
-    mask = torch.zeros(batch, 1, 1, length).masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = _attend(q[0][:, :, None, :], k, v, scale, mask=mask)  # [B, H, 1, hd]
-    return out[:, :, 0, :][None]
+    k = k_cache[:batch, :, :length].float()  # [B, Hkv, L, hd]
+    v = v_cache[:batch, :, :length].float()
+    qg = q[0].float().reshape(batch, n_kv, n_heads // n_kv, head_dim)  # GQA groups
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    if int(pos.min()) + 1 < length:  # users at different positions: hide each one's future
+        future = torch.arange(length)[None, :] > pos[:, None]
+        scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
+    out = torch.matmul(scores.softmax(-1), v)  # [B, Hkv, G, hd]
+    return out.reshape(1, batch, n_heads, head_dim)
 
 
 @impl("ttnn.experimental.nlp_concat_heads")
