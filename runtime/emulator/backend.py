@@ -216,8 +216,13 @@ class EmulatorBackend:
                 first, *rest = step.args
                 results = step.impl(env[first[1]], *[value(a, 0) for a in rest],
                                     **{k: value(a, 0) for k, a in step.kwargs.items()})
-                per_chip = [[r] for r in results]
+                per_chip = [(r,) for r in results]
                 collectives += 1
+            elif step.out and _replicated(step, env):
+                # Every chip holds the same inputs: compute once, every chip holds the result.
+                result = step.impl(*[value(a, 0) for a in step.args],
+                                   **{k: value(a, 0) for k, a in step.kwargs.items()})
+                per_chip = [result if isinstance(result, (list, tuple)) else [result]] * self.chips
             else:
                 per_chip = []
                 for chip in chips:
@@ -225,12 +230,27 @@ class EmulatorBackend:
                                        **{k: value(a, chip) for k, a in step.kwargs.items()})
                     per_chip.append(result if isinstance(result, (list, tuple)) else [result])
             for i, (name, dtype) in enumerate(zip(step.out, step.out_dtypes)):
-                env[name] = [_as_device(results_c[i], dtype) for results_c in per_chip]
+                converted = {}  # one conversion per distinct result object
+                for results_c in per_chip:
+                    r = results_c[i]
+                    if id(r) not in converted:
+                        converted[id(r)] = _as_device(r, dtype)
+                env[name] = [converted[id(results_c[i])] for results_c in per_chip]
         return collectives
 
     def chip_tensor(self, name: str, chip: int) -> torch.Tensor:
         """What chip `chip` holds for a weight or state tensor (for tests and debugging)."""
         return self.env[name][chip]
+
+
+def _replicated(step, env) -> bool:
+    """True when every tensor the (pure) op reads is the same object on every chip."""
+    for kind, v in list(step.args) + list(step.kwargs.values()):
+        if kind == "t":
+            held = env[v]
+            if any(t is not held[0] for t in held):
+                return False
+    return True
 
 
 _PLAIN = {"bfloat16": torch.bfloat16, "float32": torch.float32}

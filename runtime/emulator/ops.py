@@ -209,21 +209,25 @@ def _groups(mesh_shape, axis):
     return [[r * cols + c for r in range(rows)] for c in range(cols)]
 
 
+def _per_group(inputs, mesh_shape, axis, combine):
+    """Apply `combine` to each group of chips along `axis`; every member gets the result.
+    Groups holding the very same tensors share one result object, which lets the
+    executor compute replicated work once instead of once per chip."""
+    out, memo = [None] * len(inputs), {}
+    for group in _groups(mesh_shape, axis):
+        key = tuple(id(inputs[c]) for c in group)
+        if key not in memo:
+            memo[key] = combine([inputs[c] for c in group])
+        for c in group:
+            out[c] = memo[key]
+    return out
+
+
 @collective("ttnn.all_reduce")
 def all_reduce(inputs, *, mesh_shape, cluster_axis=0, num_links=1, memory_config=None, topology=None):
-    out = [None] * len(inputs)
-    for group in _groups(mesh_shape, cluster_axis):
-        total = sum(inputs[c].float() for c in group)
-        for c in group:
-            out[c] = total
-    return out
+    return _per_group(inputs, mesh_shape, cluster_axis, lambda parts: sum(p.float() for p in parts))
 
 
 @collective("ttnn.all_gather")
 def all_gather(inputs, dim, *, mesh_shape, cluster_axis=0, num_links=1, memory_config=None, topology=None):
-    out = [None] * len(inputs)
-    for group in _groups(mesh_shape, cluster_axis):
-        gathered = torch.cat([inputs[c] for c in group], dim=dim)
-        for c in group:
-            out[c] = gathered
-    return out
+    return _per_group(inputs, mesh_shape, cluster_axis, lambda parts: torch.cat(parts, dim=dim))
