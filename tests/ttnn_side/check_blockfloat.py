@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault(
-    "TT_METAL_MOCK_CLUSTER_DESC_PATH", "/work/shared/ttnn-mock/n150_cluster_desc.yaml"
+os.environ.setdefault(  # the project's own copy of the public N150 descriptor
+    "TT_METAL_MOCK_CLUSTER_DESC_PATH",
+    str(Path(__file__).resolve().parents[2] / "runtime" / "ttnn_backend" / "clusters" / "n150_cluster_desc.yaml"),
 )
 import ttnn  # noqa: E402  (reads the mock variable at import)
 

@@ -1,0 +1,9 @@
+"""The ttnn backend: programs replayed through real ttnn (a card, or ttnn's mock cluster).
+
+TTNN_OPS maps every lowering.optable op name to the function that issues it.
+Importing this package does not import ttnn (nor torch); creating a TtnnBackend does.
+"""
+from .backend import TtnnBackend, TtnnBackendError, TtnnOpError
+from .ops import TTNN_OPS
+
+__all__ = ["TTNN_OPS", "TtnnBackend", "TtnnBackendError", "TtnnOpError"]

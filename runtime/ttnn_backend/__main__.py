@@ -1,0 +1,5 @@
+import sys
+
+from .backend import main
+
+sys.exit(main())

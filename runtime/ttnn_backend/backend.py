@@ -1,0 +1,510 @@
+"""The ttnn backend: a Program's ops issued one by one through real ttnn, numpy in and out.
+
+On a machine with a Tenstorrent card it computes. Without one it switches to ttnn's mock
+cluster of the program's target (mock.py) and says so on stderr: every op then passes
+ttnn's own argument, shape, memory-config and allocator checks (and "runs" on zeros).
+The first op ttnn rejects stops the replay with a TtnnOpError naming the function, the op,
+its graph node, its source layer and ttnn's message.
+
+Nothing here imports torch: program, weights and inputs reach ttnn as numpy arrays
+(float32 host arrays that ttnn rounds to bfloat16 or packs to block floats itself).
+Weights are placed on the mesh once, at load; each function is prepared once into steps
+with resolved argument getters and the memory each output should be written to.
+
+Decode runs a whole tile of users per chip (32): ttnn's decode ops work on tile rows of
+users (nlp_concat_heads_decode returns all 32), so the backend pads the per-call inputs
+(token 0, position 0, and -1 in the position tensors the cache and attention ops read:
+ttnn's mark for an inactive user), gives non-paged caches a slot per device user, and
+returns the program's users only.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lowering.optable import OPS
+from lowering.program import SEQ, Function, Op, Program, is_tensor_ref, resolve_scalar, tensor_name
+
+from . import mock
+from . import placement as placement_
+from .ops import (PER_USER, PRODUCES_SHARDED, TTNN_OPS, WANTS, WEIGHT_PLACEMENTS, OpCall, convert_kwargs,
+                  describe_memory, dtype_of, layout_of, pad_tile)
+from .weights import read_weights
+
+TILE = 32
+VALIDATE_PREFILL_ROWS = 128  # the smallest prefill the runtime issues (prompts pad to 128)
+INACTIVE = -1  # position of a padded (inactive) decode user in cur_pos / update_idxs tensors
+POSITION_KWARGS = ("cur_pos_tensor", "update_idxs_tensor")
+
+
+class TtnnBackendError(RuntimeError):
+    pass
+
+
+class TtnnOpError(TtnnBackendError):
+    """ttnn rejected an op of the program: which one, where it came from, and why."""
+
+    def __init__(self, function: str, index: int, op: Op, message: str, inputs: list[str]):
+        self.function, self.index, self.op, self.ttnn_message = function, index, op, message
+        self.node, self.layer = op.node, op.layer
+        lines = [f"ttnn rejected op {index} of '{function}': {op.op}",
+                 f"  graph node: {op.node or '?'}",
+                 f"  layer: {op.layer if op.layer is not None else '- (outside the decoder layers)'}",
+                 *(f"  input {s}" for s in inputs),
+                 "  ttnn says:", *("    " + line for line in message.splitlines())]
+        super().__init__("\n".join(lines))
+
+
+def ttnn_message(error: BaseException) -> str:
+    """ttnn's own message without the C++ backtrace."""
+    text = str(error).split("backtrace:")[0]
+    lines = [line.rstrip() for line in text.splitlines() if line.strip() and line.strip() != "info:"]
+    return "\n".join(lines) or type(error).__name__
+
+
+def _refs(op: Op) -> list[tuple[str, str]]:
+    """(parameter name, tensor name) of every tensor an op reads."""
+    params = OPS[op.op].params if op.op in OPS else ()
+    out = [(params[i] if i < len(params) else str(i), tensor_name(a))
+           for i, a in enumerate(op.args) if is_tensor_ref(a)]
+    return out + [(k, tensor_name(v)) for k, v in op.kwargs.items() if is_tensor_ref(v)]
+
+
+def _arg(value):
+    if is_tensor_ref(value):
+        return ("t", tensor_name(value))
+    if isinstance(value, (str, list)) and "$" in json.dumps(value):
+        return ("s", value)
+    return ("v", value)
+
+
+@dataclass
+class _Step:
+    index: int
+    op: Op
+    impl: object
+    args: list  # ("t", name) | ("s", template with $scalars) | ("v", literal)
+    kwargs: dict
+    out: list[str]
+    out_memory: list = field(default_factory=list)  # memory kind consumers want, per output
+    drop: list = field(default_factory=list)  # activations last read by this op
+
+
+class TtnnBackend:
+    name = "ttnn"
+
+    def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
+                 quiet: bool = False):
+        self.program = program
+        self.mode = mock.configure(program.target, quiet=quiet)
+        import ttnn  # after mock.configure: ttnn reads the environment when a device opens
+
+        self.ttnn = ttnn
+        self.mesh = None
+        self.mesh = self._open_mesh(program.mesh_shape)
+        self.env: dict = {}
+        self.ops_executed: Counter = Counter()
+        self.invocations: Counter = Counter()
+        self.moves: Counter = Counter()  # memory moves ops needed that the program lacks
+        self.footprints: dict | None = None  # per-op L1 use, measured while validate() runs
+        self.weight_source = "device" if weights_dir is None and weights is None else "host"
+        self.per_user_weights = self._per_user_weights()
+        self._load_weights(weights_dir, weights)
+        self.reset()
+        self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
+
+    @classmethod
+    def from_program(cls, program: Program, weights: dict | None = None, quiet: bool = False):
+        """A backend for a program without a weight cache: `weights` (name -> numpy array), or
+        None to allocate every weight directly on the device (shapes and dtypes only)."""
+        return cls(program, None, weights=weights, quiet=quiet)
+
+    # ------------------------------------------------------------------ device
+    def _open_mesh(self, mesh_shape):
+        ttnn = self.ttnn
+        rows, cols = mesh_shape
+        options = {}
+        if rows * cols > 1:  # collectives run over the fabric, configured before opening
+            ttnn.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+            if self.mode.mock:
+                # With the default (ethernet) dispatch, ttnn 0.81.1's mock mesh reports an 8x8
+                # worker grid for chips with two harvested rows, while its program validation
+                # allows 8x7, so every op that takes the mesh's grid is rejected. Dispatching
+                # on worker cores makes both say 8x7.
+                options["dispatch_core_config"] = ttnn.DispatchCoreConfig(ttnn.DispatchCoreType.WORKER)
+        return ttnn.open_mesh_device(ttnn.MeshShape(rows, cols), **options)
+
+    def close(self) -> None:
+        if getattr(self, "mesh", None) is not None:
+            self.env.clear()
+            self.ttnn.close_mesh_device(self.mesh)
+            self.mesh = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
+
+    @property
+    def decode_users(self) -> int:
+        """Users per chip in a decode step: the program's batch, padded to a tile."""
+        return pad_tile(int(self.program.options.get("batch_size", 1)))
+
+    def local_shape(self, shape, placement: dict | None = None) -> list[int]:
+        """One chip's part of a tensor of global `shape` under `placement`."""
+        return placement_.local_shape(shape, placement, self.program.mesh_shape)
+
+    def to_device(self, array: np.ndarray, dtype: str, layout: str, memory_config=None, placement=None):
+        """A host array placed on the mesh. Converted (tilized, block-float packed, split
+        over the chips) on the host, then copied: given a device, ttnn 0.81.1 tilizes
+        bfloat16 on the device with a grid taken from the mesh (8x8), which fails on chips
+        with two harvested rows (8x7, as in the N300/T3K descriptors), and it cannot build
+        a sharded tensor from a host array in one step ("ndarray_import failed")."""
+        ttnn = self.ttnn
+        host = placement_.host_tensor(ttnn, array, dtype, layout, placement, self.program.mesh_shape)
+        tensor = ttnn.to_device(host, self.mesh, ttnn.DRAM_MEMORY_CONFIG)
+        if memory_config is not None and memory_config != ttnn.DRAM_MEMORY_CONFIG:
+            tensor = ttnn.to_memory_config(tensor, memory_config)
+        return tensor
+
+    def allocate(self, shape, dtype: str, layout: str, memory_config=None, zero: bool = True):
+        """A device tensor of `shape` on every chip; zeroed on the device (ttnn.zeros would
+        build and pack the zeros on the host: seconds for a block-float KV cache)."""
+        ttnn = self.ttnn
+        tensor = ttnn.allocate_tensor_on_device(ttnn.Shape(list(shape)), dtype_of(ttnn, dtype),
+                                                layout_of(ttnn, layout), self.mesh,
+                                                memory_config or ttnn.DRAM_MEMORY_CONFIG)
+        if zero and dtype != "bfloat4_b":  # ttnn.fill has no bfloat4_b
+            tensor = ttnn.fill(tensor, 0, output_tensor=tensor)
+        elif zero:
+            tensor = ttnn.zeros(list(shape), dtype=dtype_of(ttnn, dtype), layout=layout_of(ttnn, layout),
+                                device=self.mesh, memory_config=memory_config or ttnn.DRAM_MEMORY_CONFIG)
+        return tensor
+
+    def to_host(self, tensor, spec, seq: int | None = None) -> np.ndarray:
+        """A program output as float32 numpy at its logical (global) shape, joined from the
+        chips' parts as its placement says."""
+        ttnn = self.ttnn
+
+        def numpy_of(host):
+            if host.dtype != ttnn.float32:
+                host = ttnn.to_dtype(host, ttnn.float32)
+            return np.asarray(host.to_numpy(), dtype=np.float32)
+
+        chips = [numpy_of(t) for t in ttnn.get_device_tensors(ttnn.from_device(tensor))]
+        array = placement_.join(chips, spec.placement, self.program.mesh_shape)
+        return array[tuple(slice(0, d) for d in spec.concrete(seq))]
+
+    def _call(self, op: Op, out_memory=()) -> OpCall:
+        return OpCall(self.ttnn, self.mesh, op, self.decode_users, list(out_memory))
+
+    # ------------------------------------------------------------------ weights and state
+    def _per_user_weights(self) -> dict[str, str]:
+        """Weights some op needs once per decode user (the decode RoPE transformation
+        matrix): weight name -> name of the per-user copy the backend places at load."""
+        out = {}
+        for fn in self.program.functions.values():
+            for op in fn.ops:
+                wanted = WEIGHT_PLACEMENTS.get(op.op, lambda _: {})(op)
+                for param, name in _refs(op):
+                    if wanted.get(param) == PER_USER and name in self.program.weights:
+                        out[name] = f"{name}@{PER_USER}"
+        return out
+
+    def _per_user_memory(self, shape):
+        """Height-sharded over the decode user cores, one copy of `shape`'s rows per user."""
+        call = self._call(None)
+        return call.height_sharded(call.user_grid(), (pad_tile(shape[-2]), pad_tile(shape[-1])))
+
+    def _load_weights(self, weights_dir: Path | None, weights: dict | None) -> None:
+        specs = self.program.weights
+        if weights is None and weights_dir is not None:
+            weights = read_weights(Path(weights_dir), set(specs))
+        for name, spec in specs.items():
+            if weights is not None and name not in weights:
+                raise TtnnBackendError(f"weight '{name}' is missing from the converted weights")
+            host = None if weights is None else np.asarray(weights[name])
+            if host is not None and list(host.shape) != list(spec["shape"]):
+                raise TtnnBackendError(f"weight '{name}' has shape {list(host.shape)}, "
+                                       f"the program expects {spec['shape']}")
+            try:
+                self._place_weight(name, spec, host)
+            except Exception as e:  # noqa: BLE001 (ttnn's errors are RuntimeErrors)
+                raise TtnnBackendError(
+                    f"placing weight '{name}' ({spec['shape']} {spec['dtype']} {spec['layout']}, "
+                    f"placement {spec.get('placement')}) on the {self.mode.describe()} failed:\n"
+                    f"  {ttnn_message(e)}") from None
+
+    def _place_weight(self, name: str, spec: dict, host: np.ndarray | None) -> None:
+        placement = spec.get("placement")
+        if host is None:  # weight-free: shapes and dtypes only, contents undefined
+            self.env[name] = self.allocate(self.local_shape(spec["shape"], placement),
+                                           spec["dtype"], spec["layout"], zero=False)
+        else:
+            self.env[name] = self.to_device(host, spec["dtype"], spec["layout"], placement=placement)
+        if name in self.per_user_weights:
+            shape = self.local_shape(spec["shape"], placement)
+            users_shape = shape[:-2] + [shape[-2] * self.decode_users, shape[-1]]
+            memory = self._per_user_memory(shape)
+            self.env[self.per_user_weights[name]] = (
+                self.allocate(users_shape, spec["dtype"], spec["layout"], memory, zero=False) if host is None else
+                self.to_device(np.tile(np.asarray(host, np.float32), [1] * (len(shape) - 2) + [self.decode_users, 1]),
+                               spec["dtype"], spec["layout"], memory, placement))
+
+    def _user_slotted_state(self) -> set[str]:
+        """Non-paged caches: state that decode's cache update indexes by user (dim 0)."""
+        return {tensor_name(op.args[0]) for fn in self.program.functions.values() for op in fn.ops
+                if op.op == "ttnn.experimental.paged_update_cache" and "page_table" not in op.kwargs}
+
+    def state_shape(self, name: str) -> list[int]:
+        """The device shape of a state tensor. A non-paged cache has one slot per decode user,
+        and decode runs a whole tile of users: ttnn checks the cache has as many."""
+        spec = self.program.state[name]
+        shape = self.local_shape(spec.shape, getattr(spec, "placement", None))
+        if name in self._user_slotted_state():
+            shape[0] = pad_tile(shape[0])
+        return shape
+
+    def reset(self) -> None:
+        """Zero all device state (KV caches)."""
+        for name, spec in self.program.state.items():
+            self.env.pop(name, None)  # free the old cache before allocating the new one
+            try:
+                self.env[name] = self.allocate(self.state_shape(name), spec.dtype, spec.layout)
+            except Exception as e:  # noqa: BLE001 (ttnn's allocator raises RuntimeError)
+                raise TtnnBackendError(
+                    f"allocating state '{name}' ({self.state_shape(name)} {spec.dtype}, program shape "
+                    f"{list(spec.shape)}) on the {self.mode.describe()} failed:\n  {ttnn_message(e)}") from None
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare(self, fn: Function) -> list[_Step]:
+        known = set(self.program.weights) | set(self.program.state) | set(fn.tensors)
+        producer: dict[str, tuple[int, int]] = {}  # activation -> (step, output index)
+        steps: list[_Step] = []
+        last_read: dict[str, int] = {}
+        for index, op in enumerate(fn.ops):
+            impl = TTNN_OPS.get(op.op)
+            if impl is None or op.op not in OPS:
+                raise TtnnBackendError(f"op {op.op} (node {op.node}) has no ttnn implementation")
+            args, kwargs = [_arg(a) for a in op.args], {k: _arg(v) for k, v in op.kwargs.items()}
+            per_user = WEIGHT_PLACEMENTS.get(op.op, lambda _: {})(op)
+            wants = WANTS.get(op.op, lambda _: {})(op)
+            params = OPS[op.op].params
+            for i, a in enumerate(op.args):  # constants this op wants once per user
+                if is_tensor_ref(a) and per_user.get(params[i]) == PER_USER:
+                    args[i] = ("t", self.per_user_weights[tensor_name(a)])
+            for param, name in _refs(op):
+                if name not in known:
+                    raise TtnnBackendError(f"{fn.name} op {index} ({op.op}, node {op.node}) reads "
+                                           f"unknown tensor '{name}'")
+                last_read[name] = index
+                if param in wants and name in producer:  # ask the producer to write it there
+                    step, out = producer[name]
+                    if steps[step].op.op in PRODUCES_SHARDED and steps[step].out_memory[out] is None:
+                        steps[step].out_memory[out] = wants[param]
+            steps.append(_Step(index, op, impl, args, kwargs, list(op.out), [None] * len(op.out)))
+            for out, name in enumerate(op.out):
+                producer[name] = (index, out)
+        for name, index in last_read.items():  # free activations after their last reader
+            if name in fn.tensors and name not in fn.outputs and fn.tensors[name].kind == "activation":
+                steps[index].drop.append(name)
+        return steps
+
+    # ------------------------------------------------------------------ execution
+    def _inputs(self, fn: Function, inputs: dict[str, np.ndarray], env: dict, seq: int | None) -> None:
+        position_tensors = {tensor_name(v) for op in fn.ops for k, v in op.kwargs.items()
+                            if k in POSITION_KWARGS and is_tensor_ref(v)}
+        for spec in fn.inputs:
+            shape = [seq if d == SEQ else d for d in spec.shape]
+            array = np.asarray(inputs[spec.source]).reshape(shape)
+            if seq is None and shape[-1] < self.decode_users:  # decode: a tile of users
+                pad = [(0, 0)] * (len(shape) - 1) + [(0, self.decode_users - shape[-1])]
+                array = np.pad(array, pad, constant_values=INACTIVE if spec.name in position_tensors else 0)
+            env[spec.name] = self.to_device(array, spec.dtype, spec.layout)
+
+    @staticmethod
+    def _seq_of(fn: Function, inputs: dict[str, np.ndarray]) -> int | None:
+        for spec in fn.inputs:
+            if SEQ in spec.shape:
+                fixed = int(np.prod([d for d in spec.shape if d != SEQ]))
+                return int(np.asarray(inputs[spec.source]).size // fixed)
+        return None
+
+    @staticmethod
+    def _describe(name: str, env: dict) -> str:
+        t = env.get(name)
+        if t is None:
+            return f"%{name}"
+        try:
+            return (f"%{name}: shape {list(t.shape)} (padded {list(t.padded_shape)}) "
+                    f"{str(t.dtype).split('.')[-1]} {str(t.layout).split('.')[-1]} "
+                    f"{describe_memory(t.memory_config())}")
+        except Exception:  # noqa: BLE001 (a description must never hide the real error)
+            return f"%{name}"
+
+    def run(self, fn_name: str, inputs: dict[str, np.ndarray], scalars: dict[str, int] | None = None
+            ) -> list[np.ndarray]:
+        fn = self.program.functions[fn_name]
+        scalars = scalars or {}
+        seq = self._seq_of(fn, inputs)
+        env = dict(self.env)
+        self._inputs(fn, inputs, env, seq)
+        ttnn = self.ttnn
+
+        def value(kind, v):
+            return env[v] if kind == "t" else resolve_scalar(v, scalars) if kind == "s" else v
+
+        for step in self.steps[fn_name]:
+            op = step.op
+            call = self._call(op, step.out_memory)
+            try:
+                args = [value(*a) for a in step.args]
+                kwargs = convert_kwargs(ttnn, {k: value(*a) for k, a in step.kwargs.items()})
+                if self.footprints is not None:
+                    self._measure(fn_name, step, args, kwargs)
+                result = step.impl(call, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 (ttnn raises RuntimeError, TypeError, ...)
+                described = [self._describe(name, env) for _, name in _refs(op)]
+                raise TtnnOpError(fn_name, step.index, op, ttnn_message(e), described) from None
+            self.ops_executed[fn_name] += 1
+            for what, src, dst in call.moves:
+                self.moves[(fn_name, op.op, what, src, dst)] += 1
+            if step.out:
+                results = result if isinstance(result, (list, tuple)) else [result]
+                if len(results) != len(step.out):
+                    raise TtnnBackendError(f"{op.op} returned {len(results)} tensors, the program "
+                                           f"names {len(step.out)} ({op.node})")
+                env.update(zip(step.out, results))
+            for name in step.drop:
+                env.pop(name, None)  # the device buffer is freed with its last reference
+        self.invocations[fn_name] += 1
+        return [self.to_host(env[o], fn.tensors[o], seq) for o in fn.outputs]
+
+    # ------------------------------------------------------------------ L1 footprints
+    def l1_bytes_per_core(self) -> int:
+        """L1 the allocator manages per core (a chip's L1 minus what firmware reserves)."""
+        ttnn = self.ttnn
+        return int(ttnn.get_memory_view(self.mesh, ttnn.BufferType.L1).total_bytes_per_bank)
+
+    def _l1_in_use(self) -> int:
+        ttnn = self.ttnn
+        return int(ttnn.get_memory_view(self.mesh, ttnn.BufferType.L1).total_bytes_allocated_per_bank)
+
+    def _measure(self, fn_name: str, step: _Step, args: list, kwargs: dict) -> None:
+        """The op's worst per-core L1 use, from ttnn's graph capture of it in NO_DISPATCH mode
+        (programs built, nothing allocated or run): circular buffers, L1 outputs and kernel
+        buffers, plus the L1 tensors alive when it runs. Recorded per op kind."""
+        graph = self.ttnn._ttnn.graph
+        live = self._l1_in_use()
+        graph.begin_graph_capture(graph.RunMode.NO_DISPATCH)
+        try:
+            step.impl(self._call(step.op, step.out_memory), *args, **dict(kwargs))
+        except Exception:  # noqa: BLE001 (the real call right after reports ttnn's error)
+            return
+        finally:
+            trace = graph.end_graph_capture()
+        usage = graph.extract_resource_usage_per_core(trace)
+        total = int(usage.peak_total) + live
+        key = (fn_name, step.op.op)
+        best = self.footprints.get(key)
+        if best is None or total > best["bytes_per_core"]:
+            self.footprints[key] = {
+                "bytes_per_core": total, "circular_buffers": int(usage.peak_cb) + int(usage.peak_dataflow_buffer),
+                "op_l1_buffers": int(usage.peak_l1), "live_l1_tensors": live,
+                "node": step.op.node, "layer": step.op.layer}
+
+    # ------------------------------------------------------------------ validation
+    def validation_inputs(self, fn_name: str, rows: int = VALIDATE_PREFILL_ROWS) -> tuple[dict, dict]:
+        """Host inputs for one replay: prefill of `rows` rows for user 0; decode of the
+        program's batch (every user at position `rows`, right after such a prefill)."""
+        fn = self.program.functions[fn_name]
+        inputs = {}
+        for spec in fn.inputs:
+            shape = [rows if d == SEQ else d for d in spec.shape]
+            size = int(np.prod(shape))
+            if spec.source == "positions":
+                values = np.arange(size) if SEQ in spec.shape else np.full(size, rows)
+            else:
+                values = np.ones(size)
+            inputs[spec.source] = values.astype(np.int64).reshape(1, -1)
+        scalars = {name: 0 for name in fn.scalars}
+        if "last_tile_start" in scalars:
+            scalars["last_tile_start"] = rows - TILE
+        return inputs, scalars
+
+    def validate(self, prefill_rows: int = VALIDATE_PREFILL_ROWS, footprints: bool = True,
+                 functions: tuple[str, ...] | None = None) -> dict:
+        """Replay every function once (prefill, then decode) and return a summary: ops issued
+        per function (always all of them), target, mock or real device, the memory moves
+        ops needed that the program does not contain, DRAM in use per chip (weights and
+        state), and with `footprints` the largest per-core L1 use per op kind (flagging any
+        over the core's L1). `functions` limits the replay (all by default). Raises
+        TtnnOpError at the first op ttnn rejects."""
+        summary = {"target": self.program.target, "mesh_shape": list(self.program.mesh_shape),
+                   "device": "mock" if self.mode.mock else "real",
+                   "cluster_descriptor": self.mode.cluster_descriptor,
+                   "weights": self.weight_source, "decode_users_per_chip": self.decode_users,
+                   "functions": {}}
+        order = sorted(functions or self.program.functions, key=lambda n: (n != "prefill", n))
+        moves_before = Counter(self.moves)
+        self.footprints = {} if footprints else None
+        self.reset()
+        for name in order:
+            fn = self.program.functions[name]
+            inputs, scalars = self.validation_inputs(name, prefill_rows)
+            before = self.ops_executed[name]
+            start = time.perf_counter()
+            self.run(name, inputs, scalars)
+            summary["functions"][name] = {
+                "ops_issued": self.ops_executed[name] - before, "ops_in_program": len(fn.ops),
+                "rows": self._seq_of(fn, inputs),
+                "op_counts": dict(Counter(op.op for op in fn.ops)),
+                "seconds": round(time.perf_counter() - start, 3)}
+        self.reset()
+        if footprints:
+            capacity = self.l1_bytes_per_core()
+            summary["l1"] = {
+                "bytes_per_core": capacity,
+                "largest_per_op": {f"{f}:{o}": entry for (f, o), entry in sorted(self.footprints.items())},
+                "over_capacity": sorted(f"{f}:{o}" for (f, o), e in self.footprints.items()
+                                        if e["bytes_per_core"] > capacity)}
+            self.footprints = None
+        dram = self.ttnn.get_memory_view(self.mesh, self.ttnn.BufferType.DRAM)
+        summary["dram_bytes_per_chip"] = {"allocated": int(dram.total_bytes_allocated_per_bank) * int(dram.num_banks),
+                                          "total": int(dram.total_bytes_per_bank) * int(dram.num_banks)}
+        summary["memory_moves"] = [
+            {"function": f, "op": o, "operand": w, "from": a, "to": b, "count": n}
+            for (f, o, w, a, b), n in sorted((self.moves - moves_before).items())]
+        summary["ok"] = all(f["ops_issued"] == f["ops_in_program"] for f in summary["functions"].values())
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate a compiled artifact on ttnn (a card, or the mock cluster of its target)."""
+    import argparse
+
+    from runtime.session import read_artifact
+
+    parser = argparse.ArgumentParser(prog="python -m runtime.ttnn_backend", description=main.__doc__)
+    parser.add_argument("artifact")
+    parser.add_argument("--no-weights", action="store_true", help="allocate weights on the device")
+    parser.add_argument("--prefill-rows", type=int, default=VALIDATE_PREFILL_ROWS)
+    parser.add_argument("--functions", nargs="+", help="replay only these (default: all)")
+    args = parser.parse_args(argv)
+    program, manifest = read_artifact(args.artifact)
+    weights_dir = None if args.no_weights else manifest.get("weights")
+    try:
+        backend = TtnnBackend(program, Path(weights_dir) if weights_dir else None)
+        summary = backend.validate(args.prefill_rows, functions=args.functions)
+    except TtnnBackendError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1))
+    return 0
