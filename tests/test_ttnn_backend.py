@@ -64,11 +64,11 @@ def check_replayed(result: dict, stderr: str, target: str) -> dict:
 # ------------------------------------------------------------------ the op table
 def test_every_table_op_has_a_ttnn_implementation_that_takes_its_parameters():
     """TTNN_OPS covers lowering.optable.OPS (importing the backend needs no ttnn), and each
-    function accepts the table's positional parameters and keywords."""
+    function accepts the table's positional parameters and keywords. (It may implement
+    ops the table does not have yet.)"""
     from runtime.ttnn_backend import TTNN_OPS
 
     assert sorted(set(OPS) - set(TTNN_OPS)) == []
-    assert sorted(set(TTNN_OPS) - set(OPS)) == []
     for name, d in OPS.items():
         inspect.signature(TTNN_OPS[name]).bind(object(), *[object()] * len(d.params),
                                                **{k: object() for k in d.kwargs})

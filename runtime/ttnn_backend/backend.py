@@ -41,6 +41,7 @@ TILE = 32
 VALIDATE_PREFILL_ROWS = 128  # the smallest prefill the runtime issues (prompts pad to 128)
 INACTIVE = -1  # position of a padded (inactive) decode user in cur_pos / update_idxs tensors
 POSITION_KWARGS = ("cur_pos_tensor", "update_idxs_tensor")
+USER_DIM = {"tokens": -1, "positions": -1, "page_table": 0}  # per-call input source -> its users dim
 
 
 class TtnnBackendError(RuntimeError):
@@ -132,12 +133,12 @@ class TtnnBackend:
         options = {}
         if rows * cols > 1:  # collectives run over the fabric, configured before opening
             ttnn.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
-            if self.mode.mock:
-                # With the default (ethernet) dispatch, ttnn 0.81.1's mock mesh reports an 8x8
-                # worker grid for chips with two harvested rows, while its program validation
-                # allows 8x7, so every op that takes the mesh's grid is rejected. Dispatching
-                # on worker cores makes both say 8x7.
-                options["dispatch_core_config"] = ttnn.DispatchCoreConfig(ttnn.DispatchCoreType.WORKER)
+        if self.mode.mock:
+            # With the default (ethernet) dispatch, ttnn 0.81.1's mock mesh of a multi-chip
+            # cluster reports an 8x8 worker grid for chips with two harvested rows, while its
+            # program validation allows 8x7, so every op that takes the mesh's grid is
+            # rejected. Dispatching on worker cores makes both say 8x7.
+            options["dispatch_core_config"] = ttnn.DispatchCoreConfig(ttnn.DispatchCoreType.WORKER)
         return ttnn.open_mesh_device(ttnn.MeshShape(rows, cols), **options)
 
     def close(self) -> None:
@@ -309,7 +310,11 @@ class TtnnBackend:
                     step, out = producer[name]
                     if steps[step].op.op in PRODUCES_SHARDED and steps[step].out_memory[out] is None:
                         steps[step].out_memory[out] = wants[param]
-            steps.append(_Step(index, op, impl, args, kwargs, list(op.out), [None] * len(op.out)))
+            # Outputs the program places in L1 go there; DRAM is ttnn's default (and some
+            # ops pick their own memory, e.g. the decode head ops' height-sharded outputs).
+            placed = [fn.tensors[o].memory if o in fn.tensors and fn.tensors[o].memory != "DRAM" else None
+                      for o in op.out]
+            steps.append(_Step(index, op, impl, args, kwargs, list(op.out), placed))
             for out, name in enumerate(op.out):
                 producer[name] = (index, out)
         for name, index in last_read.items():  # free activations after their last reader
@@ -324,8 +329,10 @@ class TtnnBackend:
         for spec in fn.inputs:
             shape = [seq if d == SEQ else d for d in spec.shape]
             array = np.asarray(inputs[spec.source]).reshape(shape)
-            if seq is None and shape[-1] < self.decode_users:  # decode: a tile of users
-                pad = [(0, 0)] * (len(shape) - 1) + [(0, self.decode_users - shape[-1])]
+            user_dim = USER_DIM.get(spec.source)
+            if seq is None and user_dim is not None and shape[user_dim] < self.decode_users:
+                pad = [(0, 0)] * len(shape)  # decode: a whole tile of users
+                pad[user_dim] = (0, self.decode_users - shape[user_dim])
                 array = np.pad(array, pad, constant_values=INACTIVE if spec.name in position_tensors else 0)
             env[spec.name] = self.to_device(array, spec.dtype, spec.layout)
 
@@ -431,6 +438,8 @@ class TtnnBackend:
             size = int(np.prod(shape))
             if spec.source == "positions":
                 values = np.arange(size) if SEQ in spec.shape else np.full(size, rows)
+            elif spec.source == "page_table":  # every user its own blocks
+                values = np.arange(size) % max(1, int(self.program.options.get("max_num_blocks") or 1))
             else:
                 values = np.ones(size)
             inputs[spec.source] = values.astype(np.int64).reshape(1, -1)

@@ -81,6 +81,9 @@ exit 0
 """
 
 
+_PROCESS_CLUSTER: str | None = None  # the descriptor this process's ttnn cluster was built from
+
+
 class MockSetupError(RuntimeError):
     pass
 
@@ -97,7 +100,10 @@ class DeviceMode:
     def describe(self) -> str:
         if not self.mock:
             return f"real Tenstorrent hardware ({self.target})"
-        return f"mock {self.target} cluster ({Path(self.cluster_descriptor).name})"
+        name = Path(self.cluster_descriptor).name
+        if name == CLUSTER_FILES.get(self.target.upper()):
+            return f"mock {self.target} cluster ({name})"
+        return f"mock cluster {name} (the {self.target} program on part of it)"
 
 
 def card_present() -> bool:
@@ -192,6 +198,17 @@ def prepare(mock_dir: Path | None = None) -> Path:
     return root
 
 
+def _chips(descriptor: Path) -> int:
+    """Chips in a cluster descriptor (its `arch:` map has one line per chip)."""
+    lines = descriptor.read_text().splitlines()
+    count = 0
+    for line in lines[lines.index("arch:") + 1:]:
+        if not line.startswith(" "):
+            break
+        count += 1
+    return count
+
+
 def wants_mock() -> bool:
     choice = os.environ.get(MOCK_ENV, "auto").strip().lower()
     if choice in ("1", "true", "yes", "on"):
@@ -208,14 +225,31 @@ def configure(target: str, quiet: bool = False) -> DeviceMode:
     import). A descriptor the user already set in
     TT_METAL_MOCK_CLUSTER_DESC_PATH is respected.
     """
+    global _PROCESS_CLUSTER
     if not wants_mock():
         return DeviceMode(mock=False, target=target)
-    descriptor = os.environ.get("TT_METAL_MOCK_CLUSTER_DESC_PATH") or str(cluster_descriptor(target))
+    wanted = str(cluster_descriptor(target))
+    current = os.environ.get("TT_METAL_MOCK_CLUSTER_DESC_PATH")
+    if current and current == _PROCESS_CLUSTER and current != wanted:
+        # ttnn builds its cluster once per process: a smaller target runs on part of it
+        # (as a smaller target may run on a larger system); a larger one cannot.
+        have, need = _chips(Path(current)), _chips(Path(wanted))
+        if have < need:
+            raise MockSetupError(
+                f"this process already uses the mock cluster {Path(current).name} ({have} chips) and ttnn "
+                f"cannot switch clusters within a process; replay the {target} program ({need} chips) "
+                "in a new process")
+        descriptor = current
+    else:
+        descriptor = current or wanted
     root = prepare()
     os.environ["TT_METAL_MOCK_CLUSTER_DESC_PATH"] = descriptor
+    if descriptor != current:
+        _PROCESS_CLUSTER = descriptor
     os.environ["TT_METAL_RUNTIME_ROOT"] = str(root)
-    # Kernel binaries built by the stand-in are empty: keep them out of the real JIT cache.
-    os.environ.setdefault("TT_METAL_CACHE", str(root.parent / "jit-cache") + os.sep)
+    # Kernel binaries built by the stand-in are empty: they must never land in a JIT cache a
+    # real device would load from, so the mock always has its own.
+    os.environ["TT_METAL_CACHE"] = str(root.parent / "jit-cache") + os.sep
     os.environ.setdefault("TT_LOGGER_LEVEL", "error")
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     mode = DeviceMode(mock=True, target=target, cluster_descriptor=descriptor, runtime_root=str(root))

@@ -289,6 +289,25 @@ def scaled_dot_product_attention_decode(c: OpCall, input_tensor_q, input_tensor_
                                                                   input_tensor_v, **kw)
 
 
+@ttnn_op("ttnn.experimental.paged_fill_cache")
+def paged_fill_cache(c: OpCall, cache_tensor, input_tensor, page_table, **kw):
+    return c.ttnn.experimental.paged_fill_cache(cache_tensor, input_tensor, page_table, **kw)
+
+
+@ttnn_op("ttnn.transformer.paged_scaled_dot_product_attention_decode")
+def paged_scaled_dot_product_attention_decode(c: OpCall, input_tensor_q, input_tensor_k, input_tensor_v, **kw):
+    kw = _memory_kw(c, kw, input_tensor_q.shape)
+    return c.ttnn.transformer.paged_scaled_dot_product_attention_decode(input_tensor_q, input_tensor_k,
+                                                                        input_tensor_v, **kw)
+
+
+@ttnn_op("ttnn.transformer.chunked_scaled_dot_product_attention")
+def chunked_scaled_dot_product_attention(c: OpCall, input_tensor_q, input_tensor_k, input_tensor_v, *args, **kw):
+    kw = _memory_kw(c, kw, input_tensor_q.shape)
+    return c.ttnn.transformer.chunked_scaled_dot_product_attention(input_tensor_q, input_tensor_k, input_tensor_v,
+                                                                   *args, **kw)
+
+
 @ttnn_op("ttnn.experimental.nlp_concat_heads")
 def nlp_concat_heads(c: OpCall, input_tensor, **kw):
     shape = list(input_tensor.shape)
@@ -302,6 +321,16 @@ def nlp_concat_heads_decode(c: OpCall, input_tensor, **kw):
     input_tensor = c.receive(input_tensor, c.memory(USER_SHARDED, input_tensor.shape), "input_tensor")
     kw.pop("memory_config", None)  # its output is width-sharded by heads, as the op decides
     return c.ttnn.experimental.nlp_concat_heads_decode(input_tensor, **kw)
+
+
+# ------------------------------------------------------------------ memory
+@ttnn_op("ttnn.to_memory_config")
+def to_memory_config(c: OpCall, tensor, memory_config, dtype=None):
+    """The same values in another memory: a kind name (DRAM, L1, L1_HEIGHT_SHARDED) whose
+    MemoryConfig is built for the tensor's shape. (For the lowering's explicit moves, e.g.
+    attention output to the height-sharded input nlp_concat_heads_decode needs.)"""
+    kw = {} if dtype is None else {"dtype": c.dtype(dtype) if isinstance(dtype, str) else dtype}
+    return c.ttnn.to_memory_config(tensor, c.memory(memory_config, tensor.shape), **kw)
 
 
 # ------------------------------------------------------------------ collectives
