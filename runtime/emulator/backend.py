@@ -70,11 +70,13 @@ def place(tensor: torch.Tensor, placement: dict | None, mesh_shape) -> list[torc
     return [pieces[shard_index(c, mesh_shape, placement["axes"])].contiguous() for c in range(chips)]
 
 
-def matmul_operand(weight_kn: torch.Tensor) -> torch.Tensor:
-    """A `[K, N]` weight as the `[N, K]` operand F.linear wants (values unchanged). Kept in
-    bfloat16: decode is bandwidth-bound, and oneDNN's bf16 kernels accumulate in fp32 as
-    the device does."""
-    return weight_kn.t().contiguous()
+def matmul_operand(weight_kn: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """A `[K, N]` weight as the `[N, K]` operand F.linear wants, in the dtype its products
+    are computed in (values unchanged: bfloat16 values are exact in float32). bfloat16
+    by default: decode is bandwidth-bound, and oneDNN's bf16 kernels accumulate in fp32
+    as the device does."""
+    t = weight_kn.t().contiguous()
+    return t if t.dtype == compute or t.dtype == torch.float32 else t.to(compute)
 
 
 SYSTEMS = {"N150": (1, 1), "N300": (1, 2), "T3K": (1, 8), "TG": (8, 4)}
@@ -112,12 +114,16 @@ class EmulatorBackend:
 
     # ------------------------------------------------------------------ loading
     @staticmethod
-    def _linear_weight_names(program: Program) -> set[str]:
-        names = set()
+    def _linear_weight_names(program: Program) -> dict[str, torch.dtype]:
+        """Matmul weights, with the dtype their products are computed in (float32 where a
+        linear writes float32, e.g. partial sums before an all_reduce)."""
+        names = {}
         for fn in program.functions.values():
             for op in fn.ops:
-                if op.op == "ttnn.linear" and tensor_name(op.args[1]) in program.weights:
-                    names.add(tensor_name(op.args[1]))
+                name = tensor_name(op.args[1]) if op.op == "ttnn.linear" else None
+                if name in program.weights:
+                    wide = op.kwargs.get("dtype") == "float32"
+                    names[name] = torch.float32 if wide else names.get(name, torch.bfloat16)
         return names
 
     def _load_weights(self, weights_dir: Path | None, weights: dict | None) -> None:
@@ -136,7 +142,7 @@ class EmulatorBackend:
             t = quantize_like(weights[name], spec["dtype"])
             pieces = place(t, spec.get("placement"), self.mesh_shape)
             if name in self.linear_weights:
-                pieces = [matmul_operand(p) for p in pieces]
+                pieces = [matmul_operand(p, self.linear_weights[name]) for p in pieces]
             self.env[name] = pieces
 
     def reset(self) -> None:
@@ -178,7 +184,13 @@ class EmulatorBackend:
             if self.chips == 1:
                 self._run_one_chip(self.steps[fn_name], env, scalars)
             else:
-                collectives = self._run_mesh(self.steps[fn_name], env, scalars)
+                # Per-chip ops are small: thread hand-offs would cost more than the maths.
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    collectives = self._run_mesh(self.steps[fn_name], env, scalars)
+                finally:
+                    torch.set_num_threads(threads)
         self.ops_executed[fn_name] += len(self.steps[fn_name])
         self.collectives_executed[fn_name] += collectives
         self.invocations[fn_name] += 1
