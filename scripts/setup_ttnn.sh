@@ -25,6 +25,10 @@ find_python312() {
   exit 1
 }
 
+pip_install() {  # quiet, without the warnings of find-links folders that do not exist
+  "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
 installed() {
   [ -f "$MARKER" ] && [ ! pyproject.toml -nt "$MARKER" ] && "$VENV/bin/python" - "$TTNN_VERSION" <<'EOF' 2>/dev/null
 import importlib.metadata as m, importlib.util as u, sys
@@ -53,9 +57,9 @@ if ! installed; then
     rm -rf "$VENV"
     "$(find_python312)" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install -q "ttnn==$TTNN_VERSION" numpy ml_dtypes safetensors tokenizers jinja2 tiktoken
+  pip_install "ttnn==$TTNN_VERSION" numpy ml_dtypes safetensors tokenizers jinja2 tiktoken
   # The project itself without its dependencies: nothing here may pull torch.
-  "$VENV/bin/python" -m pip install -q --no-deps -e .
+  pip_install --no-deps -e .
   "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is not None)' \
     || { echo "setup_ttnn: torch found in $VENV; it must stay torch-free" >&2; exit 1; }
   touch "$MARKER"

@@ -169,3 +169,17 @@ def test_host_conversion_matches_ttnn(ttnn_python, script, verdict):
     done = subprocess.run([str(ttnn_python), str(ROOT / "tests" / "ttnn_side" / script)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0 and re.search(verdict, done.stdout), (done.stdout[-3000:], done.stderr[-2000:])
+
+
+def test_without_ttnn_the_backend_says_what_to_do(tiny_model, compile_artifact):
+    """This environment (torch, no ttnn): a ValueError that names the set-up step."""
+    import importlib.util
+
+    import runtime
+    from runtime.ttnn_backend import TtnnNotInstalled
+
+    if importlib.util.find_spec("ttnn") is not None:
+        pytest.skip("this Python has ttnn (a Tenstorrent machine's combined environment)")
+    out = compile_artifact(tiny_model("tiny-llama", "llama"), max_seq_len=256)
+    with pytest.raises(TtnnNotInstalled, match="scripts/setup_ttnn.sh"):
+        runtime.load(out, backend="ttnn")

@@ -104,7 +104,12 @@ class TtnnBackend:
                  quiet: bool = False):
         self.program = program
         self.mode = mock.configure(program.target, quiet=quiet)
-        import ttnn  # after mock.configure: ttnn reads the environment when a device opens
+        try:
+            import ttnn  # after mock.configure: ttnn reads the environment when a device opens
+        except ModuleNotFoundError as e:
+            if e.name != "ttnn":
+                raise
+            raise mock.TtnnNotInstalled() from None
 
         self.ttnn = ttnn
         self.mesh = None

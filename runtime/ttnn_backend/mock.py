@@ -88,6 +88,14 @@ class MockSetupError(RuntimeError):
     pass
 
 
+class TtnnNotInstalled(ValueError):
+    """The ttnn backend was asked for in a Python without ttnn."""
+
+    def __init__(self):
+        super().__init__("the ttnn backend needs ttnn, which this Python does not have: run "
+                         "scripts/setup_ttnn.sh and use .venv-ttnn/bin/python (ttnn 0.81.1, no torch)")
+
+
 @dataclass(frozen=True)
 class DeviceMode:
     """How the ttnn backend reaches a device: a real card, or the mock of `target`."""
@@ -125,8 +133,7 @@ def ttnn_package_dir() -> Path:
     """Where the ttnn package is installed, found without importing it."""
     spec = importlib.util.find_spec("ttnn")
     if spec is None or not spec.submodule_search_locations:
-        raise MockSetupError("ttnn is not installed in this Python (run scripts/setup_ttnn.sh and use "
-                             ".venv-ttnn/bin/python)")
+        raise TtnnNotInstalled()
     return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
