@@ -496,7 +496,8 @@ class TtnnBackend:
         summary["memory_moves"] = [
             {"function": f, "op": o, "operand": w, "from": a, "to": b, "count": n}
             for (f, o, w, a, b), n in sorted((self.moves - moves_before).items())]
-        summary["ok"] = all(f["ops_issued"] == f["ops_in_program"] for f in summary["functions"].values())
+        summary["ok"] = (all(f["ops_issued"] == f["ops_in_program"] for f in summary["functions"].values())
+                         and not summary.get("l1", {}).get("over_capacity"))
         return summary
 
 
