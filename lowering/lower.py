@@ -189,7 +189,10 @@ def _decode_attention(lw: Lowering, node):
 def _merge_heads(lw: Lowering, node):
     x, decode = node.args
     if decode:
-        lw.result(node, "ttnn.experimental.nlp_concat_heads_decode", [lw.ref(x)],
+        # SDPA-decode writes interleaved (GQA cannot write sharded); concat wants height-sharded.
+        sharded = lw.tensor(lw.out_name(node, "_sharded"), lw.shape_of(x), lw.dtype_of(node), node)
+        lw.emit(node, "ttnn.to_memory_config", [lw.ref(x), "L1_HEIGHT_SHARDED"], None, [sharded])
+        lw.result(node, "ttnn.experimental.nlp_concat_heads_decode", ["%" + sharded],
                   {"num_heads": lw.shape_of(x)[2]})
     else:
         lw.result(node, "ttnn.experimental.nlp_concat_heads", [lw.ref(x)])

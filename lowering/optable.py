@@ -26,6 +26,8 @@ _DEFS = [
     OpDef("ttnn.reshape", ("input_tensor", "shape"), ("memory_config",)),
     OpDef("ttnn.slice", ("input_tensor", "slice_start", "slice_end"), ("memory_config",)),
     OpDef("ttnn.typecast", ("input_tensor", "dtype"), ("memory_config",)),
+    OpDef("ttnn.to_memory_config", ("tensor", "memory_config"), ("dtype",),
+          doc="move a tensor to another memory layout (DRAM/L1, interleaved/sharded); same values"),
     OpDef("ttnn.rms_norm", ("input_tensor",),
           ("epsilon", "weight", "memory_config", "compute_kernel_config")),
     OpDef("ttnn.linear", ("input_tensor_a", "input_tensor_b"),

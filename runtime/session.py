@@ -157,6 +157,14 @@ class Session:
             rows.append(self.decode(tokens, positions)[0])
         return np.stack(rows).astype(np.float32)
 
+    def validate(self, **options) -> dict:
+        """ttnn backend: replay prefill and decode once through ttnn (on a mock mesh when
+        no card is attached) and return a summary: ops issued per function, target, mock
+        or real device, DRAM per chip, the largest L1 footprint per op kind."""
+        if not hasattr(self.backend, "validate"):
+            raise ValueError(f"validate() needs the ttnn backend (this session runs on {self.backend.name})")
+        return self.backend.validate(**options)
+
     def generate(self, prompts, max_generated_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
                  instruct: bool | None = None, on_token=None) -> list:
