@@ -8,8 +8,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# Public config.json / params.json files of the seed's models (no weights), shipped for
+# weight-free compilation: `ttcompile models_ref/seed_configs/<name> --no-weights`.
+SEED_CONFIG_DIR = Path(__file__).with_name("seed_configs")
+
+
+def seed_model_dirs() -> dict[str, Path]:
+    """Seed model name -> its config folder."""
+    return {p.name: p for p in sorted(SEED_CONFIG_DIR.iterdir()) if p.is_dir()}
 
 
 class ConfigError(ValueError):
@@ -30,14 +41,18 @@ class RopeScaling:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None
+    truncate: bool = True  # yarn: round the correction range to whole dims (HF default)
 
 
 ROPE_KINDS = ("llama3", "linear", "yarn")
 
 # HF architecture name -> family. Families differ only in data (QKV bias), not in code.
+# Llama 3.2 Vision (mllama) is a Llama-3 text decoder with gated cross-attention layers
+# interleaved; its text path (no image) is the plain decoder (see ModelConfig).
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "MllamaForConditionalGeneration": "llama",
 }
 
 
@@ -59,6 +74,12 @@ class ModelConfig:
     qkv_bias: bool
     rope_scaling: RopeScaling | None = None
     source_format: str = "hf"  # "hf" | "meta"
+    # Llama 3.2 Vision: the self-attention layers (Meta numbering, 0..n_layers-1) that a
+    # gated cross-attention layer runs before (Meta's "fusion schedule"). n_layers counts
+    # self-attention layers only. Without an image those layers are identities (HF skips
+    # them; Meta's text_only_inference does too), so the compiled text program is exact;
+    # their weights still occupy the device (the memory planner counts them).
+    cross_attention_layers: tuple[int, ...] = ()
 
     @property
     def qkv_dim(self) -> int:
@@ -72,6 +93,7 @@ class ModelConfig:
         data = dict(data)
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        data["cross_attention_layers"] = tuple(data.get("cross_attention_layers") or ())
         return cls(**data)
 
     def replace(self, **changes) -> "ModelConfig":
@@ -108,7 +130,16 @@ def _optional(data: dict, key: str, path: Path, default, kind=int):
     return _need(data, key, path, kind)
 
 
-def _rope_scaling(raw: dict | None, path: Path) -> RopeScaling | None:
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                 "mscale", "mscale_all_dim", "attention_factor")
+
+
+def _rope_scaling(raw: dict | None, path: Path, max_position_embeddings: int) -> RopeScaling | None:
+    """HF rope_scaling / rope_parameters -> RopeScaling (None: plain RoPE).
+
+    Missing parameters take Hugging Face's defaults; in particular a llama3 or yarn
+    scaling without `original_max_position_embeddings` uses `max_position_embeddings`
+    (transformers' standardize_rope_params)."""
     if not raw:
         return None
     if not isinstance(raw, dict):
@@ -120,9 +151,36 @@ def _rope_scaling(raw: dict | None, path: Path) -> RopeScaling | None:
         raise ConfigError(
             f"{path}: unsupported rope_scaling type '{kind}' (supported: none, {', '.join(ROPE_KINDS)})"
         )
-    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"kind"}
-    params = {k: raw[k] for k in fields if raw.get(k) is not None}
-    return RopeScaling(kind=kind, **params)
+    if raw.get("factor") is None:
+        raise ConfigError(f"{path}: rope_scaling of type '{kind}' needs a 'factor'")
+    params = {}
+    for key in _ROPE_NUMBERS:
+        if raw.get(key) is None:
+            continue
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: rope_scaling '{key}' must be a number, got {value!r}")
+        params[key] = float(value)
+    if params["factor"] <= 0:
+        raise ConfigError(f"{path}: rope_scaling 'factor' must be positive, got {raw['factor']!r}")
+    original = raw.get("original_max_position_embeddings")
+    if original is None:
+        original = max_position_embeddings
+    if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+        raise ConfigError(f"{path}: rope_scaling 'original_max_position_embeddings' must be a positive "
+                          f"integer, got {original!r}")
+    if "truncate" in raw and not isinstance(raw["truncate"], bool):
+        raise ConfigError(f"{path}: rope_scaling 'truncate' must be true or false, got {raw['truncate']!r}")
+    return RopeScaling(kind=kind, original_max_position_embeddings=original,
+                       truncate=raw.get("truncate", True), **params)
+
+
+def _context_length(declared: int, rope: RopeScaling | None) -> int:
+    """Positions the model is meant to reach. YaRN configs (Qwen2.5's recipe for 128k)
+    keep max_position_embeddings at the pretraining length and say factor x original."""
+    if rope is not None and rope.kind == "yarn":
+        return max(declared, int(rope.factor * rope.original_max_position_embeddings))
+    return declared
 
 
 def _validate(cfg: ModelConfig, path: Path) -> ModelConfig:
@@ -133,14 +191,30 @@ def _validate(cfg: ModelConfig, path: Path) -> ModelConfig:
         )
     if cfg.head_dim % 2:
         raise ConfigError(f"{path}: head_dim {cfg.head_dim} must be even for RoPE")
+    bad = [i for i in cfg.cross_attention_layers if not 0 <= i <= cfg.n_layers]
+    if bad or len(set(cfg.cross_attention_layers)) != len(cfg.cross_attention_layers):
+        raise ConfigError(f"{path}: cross-attention layer positions {list(cfg.cross_attention_layers)} "
+                          f"do not fit {cfg.n_layers} self-attention layers")
     return cfg
 
 
+def _hf_cross_attention_layers(data: dict, path: Path) -> tuple[int, ...]:
+    """HF mllama numbers all layers together ([3, 8, ..., 38] of 40); the normalised
+    config numbers the self-attention layer each cross-attention layer precedes."""
+    raw = data.get("cross_attention_layers") or []
+    if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
+        raise ConfigError(f"{path}: cross_attention_layers must be a list of layer indices, got {raw!r}")
+    return tuple(h - rank for rank, h in enumerate(sorted(raw)))
+
+
 def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
-    """Normalise a Hugging Face config.json (Llama / Qwen2 causal LMs)."""
+    """Normalise a Hugging Face config.json (Llama / Qwen2 causal LMs, Llama 3.2 Vision's
+    text decoder)."""
     data = _read_json(path)
     if "text_config" in data and "num_hidden_layers" not in data:
         # Vision-language configs (Llama 3.2 Vision) keep the decoder in text_config.
+        if not isinstance(data["text_config"], dict):
+            raise ConfigError(f"{path}: text_config must be an object")
         data = {**data["text_config"], "architectures": data.get("architectures")}
     archs = data.get("architectures") or []
     if isinstance(archs, str):
@@ -175,14 +249,20 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
     rope_theta = _optional(data, "rope_theta", path, None, float)
     if rope_theta is None:
         rope_theta = _optional(rope_params, "rope_theta", path, 10000.0, float)
-    rope_scaling = data.get("rope_scaling") or rope_params
     if data.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act '{data['hidden_act']}' is not supported (silu only)")
+    declared_max = _optional(data, "max_position_embeddings", path, 4096)
+    rope_scaling = _rope_scaling(data.get("rope_scaling") or rope_params, path, declared_max)
+    cross = _hf_cross_attention_layers(data, path)
+    n_layers = _need(data, "num_hidden_layers", path) - len(cross)
+    if n_layers <= 0:
+        raise ConfigError(f"{path}: num_hidden_layers leaves no self-attention layer "
+                          f"beside {len(cross)} cross-attention layers")
     cfg = ModelConfig(
         name=name or path.parent.name,
         family=family,
         dim=dim,
-        n_layers=_need(data, "num_hidden_layers", path),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
@@ -190,11 +270,12 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         vocab_size=_need(data, "vocab_size", path),
         norm_eps=float(_optional(data, "rms_norm_eps", path, 1e-6, float)),
         rope_theta=float(rope_theta),
-        max_position_embeddings=_optional(data, "max_position_embeddings", path, 4096),
+        max_position_embeddings=_context_length(declared_max, rope_scaling),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(data.get("attention_bias", False)),
-        rope_scaling=_rope_scaling(rope_scaling, path),
+        rope_scaling=rope_scaling,
         source_format="hf",
+        cross_attention_layers=cross,
     )
     return _validate(cfg, path)
 
@@ -207,42 +288,93 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-# Meta params.json says only use_scaled_rope; the scaling parameters are the Llama 3.1
-# ones unless the file carries `rope_scaling_factor` (Llama 3.2 1B/3B use 32).
+def meta_fusion_schedule(n_layers: int, n_cross: int) -> tuple[int, ...]:
+    """The self-attention layers Llama 3.2 Vision's cross-attention layers precede,
+    spread from the top as Meta's CrossAttentionTransformerText._init_fusion_schedule
+    does (32 layers, 8 cross-attention layers: 3, 7, ..., 31)."""
+    if n_cross <= 0:
+        return ()
+    step = math.ceil(n_layers / n_cross)
+    return tuple(list(range(n_layers))[::-1][::step][:n_cross][::-1])
+
+
+# Meta's params.json says only `use_scaled_rope`. The llama3 parameters besides the factor
+# are the same for every Llama-3 release (low 1, high 4, original 8192). The factor is 8,
+# except for the Llama 3.2 text models (1B, 3B), whose published configs say 32 (Meta's
+# reference code hard-codes 8, which meta-llama/llama-models#241 reports as wrong for
+# them); those are also the releases with tied embeddings. See _meta_release_facts.
 META_LLAMA3_ROPE = RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0,
                                high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA32_TEXT_ROPE_FACTOR = 32.0
+_META_RELEASE = re.compile(r"llama[-_ ]?(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def _meta_release_facts(path: Path, data: dict, cross: tuple[int, ...]) -> tuple[float, bool, str]:
+    """(llama3 rope factor, tied embeddings, where they came from) for a Meta params.json.
+
+    In order: the file's own keys (`rope_scaling_factor`, `tie_word_embeddings`); the
+    Hugging Face config.json of the same repository (HF repos keep Meta's files in
+    `original/`); the release in the folder name as Meta's downloader writes it
+    ("Llama3.2-1B-Instruct": a Llama 3.2 text model, factor 32 and tied, the rule
+    transformers' convert_llama_weights_to_hf applies from --llama_version); else
+    factor 8, untied. With weights, the checkpoint decides tying (MetaReader)."""
+    factor, tied = data.get("rope_scaling_factor"), data.get("tie_word_embeddings")
+    if factor is not None and not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        raise ConfigError(f"{path}: field 'rope_scaling_factor' must be a number, got {factor!r}")
+    if factor is not None and tied is not None:
+        return float(factor), bool(tied), "params.json"
+    for hf_path in (path.parent / "config.json", path.parent.parent / "config.json"):
+        if hf_path.exists():
+            hf = from_hf_config(hf_path)
+            hf_factor = hf.rope_scaling.factor if hf.rope_scaling else META_LLAMA3_ROPE.factor
+            return (float(factor) if factor is not None else hf_factor,
+                    bool(tied) if tied is not None else hf.tie_word_embeddings, str(hf_path))
+    folder = path.parent.name if path.parent.name != "original" else path.parent.parent.name
+    release = _META_RELEASE.search(folder)
+    llama32_text = bool(release) and release.group(1) == "3.2" and not cross
+    return (float(factor) if factor is not None else
+            (LLAMA32_TEXT_ROPE_FACTOR if llama32_text else META_LLAMA3_ROPE.factor),
+            bool(tied) if tied is not None else llama32_text,
+            f"folder name {folder!r}" if release else "default")
 
 
 def from_meta_params(path: Path, name: str | None = None,
                      tie_word_embeddings: bool | None = None) -> ModelConfig:
-    """Normalise a Meta params.json. Meta checkpoints are Llama-3 text decoders."""
+    """Normalise a Meta params.json. Meta checkpoints are Llama-3 text decoders (for
+    Llama 3.2 Vision: its text decoder, cross-attention positions included)."""
     data = _read_json(path)
     dim = _need(data, "dim", path)
     n_heads = _need(data, "n_heads", path)
     if dim % n_heads:
         raise ConfigError(f"{path}: dim {dim} is not divisible by n_heads {n_heads}")
-    rope = None
-    if data.get("use_scaled_rope"):
-        rope = dataclasses.replace(
-            META_LLAMA3_ROPE, factor=float(data.get("rope_scaling_factor", META_LLAMA3_ROPE.factor))
-        )
+    head_dim = dim // n_heads
+    if data.get("head_dim") is not None and data["head_dim"] != head_dim:
+        raise ConfigError(f"{path}: head_dim {data['head_dim']!r} is inconsistent with "
+                          f"dim {dim} / n_heads {n_heads} = {head_dim}")
+    n_layers = _need(data, "n_layers", path)
+    n_cross = _optional(data, "vision_num_cross_attention_layers", path, 0) \
+        if data.get("vision_num_cross_attention_layers", -1) != -1 else 0
+    cross = meta_fusion_schedule(n_layers, n_cross)
+    factor, tied, _ = _meta_release_facts(path, data, cross)
+    rope = dataclasses.replace(META_LLAMA3_ROPE, factor=factor) if data.get("use_scaled_rope") else None
     cfg = ModelConfig(
         name=name or path.parent.name,
         family="llama",
         dim=dim,
-        n_layers=_need(data, "n_layers", path),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=_optional(data, "n_kv_heads", path, n_heads),
-        head_dim=dim // n_heads,
+        head_dim=head_dim,
         ffn_dim=meta_ffn_dim(dim, _need(data, "multiple_of", path), data.get("ffn_dim_multiplier")),
         vocab_size=_need(data, "vocab_size", path),
         norm_eps=float(_optional(data, "norm_eps", path, 1e-5, float)),
         rope_theta=float(_optional(data, "rope_theta", path, 500000.0, float)),
         max_position_embeddings=_optional(data, "max_seq_len", path, 131072),
-        tie_word_embeddings=bool(tie_word_embeddings),
+        tie_word_embeddings=tied if tie_word_embeddings is None else bool(tie_word_embeddings),
         qkv_bias=False,
         rope_scaling=rope,
         source_format="meta",
+        cross_attention_layers=cross,
     )
     return _validate(cfg, path)
 
