@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowering.lower import device_weights, lower
-from lowering.program import Program, TensorSpec
+from lowering.program import Function, Program, TensorSpec
+from lowering.stamp import (TRACED_LAYERS, canonical_names, canonical_order, stamp_function,
+                            stamp_state, stamp_weights)
 from models_ref.config import ModelConfig, load_config
 from models_ref.weights import CheckpointReader, open_checkpoint
 
@@ -41,8 +43,25 @@ def resolve_max_seq_len(cfg: ModelConfig, options: CompileOptions) -> int:
     return options.max_seq_len
 
 
+def _lower_mode(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Function, dict, dict]:
+    """The mode's program function, weight table and state table, with layers stamped
+    when the graph holds only the first `traced_layers` of `n_layers`."""
+    fn = canonical_names(lower(gm, ctx))
+    weights = device_weights(ctx.facts)
+    state = {name: TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer,
+                              spec.placement.to_json())
+             for name, spec in ctx.facts.state.items()}
+    if traced_layers is not None:
+        fn = stamp_function(fn, n_layers)
+        weights, state = stamp_weights(weights, n_layers), stamp_state(state, n_layers)
+    return fn, weights, state
+
+
 def compile_model(model_dir: str | Path, options: CompileOptions,
-                  observer: Observer | None = None) -> CompileResult:
+                  observer: Observer | None = None, full_trace: bool = False) -> CompileResult:
+    """Compile a model directory. Decoder layers are traced and compiled once (layers 0
+    and 1) and stamped for the rest (lowering/stamp.py); `full_trace` traces every layer
+    instead, with the same result (for inspection and for the test that proves it)."""
     target = get_target(options.target)
     if not target.supported:
         raise CompileError(f"target {target.name} is not yet supported")
@@ -54,14 +73,13 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
     max_seq_len = resolve_max_seq_len(cfg, options)
     observer = observer or Observer()
     functions, weights, state, counters = {}, {}, {}, {}
+    traced_layers = None if full_trace or cfg.n_layers <= TRACED_LAYERS else TRACED_LAYERS
     for mode in MODES:
-        gm, ctx = trace(cfg, mode, target, options, max_seq_len)
+        gm, ctx = trace(cfg, mode, target, options, max_seq_len, layers=traced_layers)
         gm = run_pipeline(gm, ctx, observer)
-        functions[mode] = lower(gm, ctx)
-        weights.update(device_weights(ctx.facts))
-        for name, spec in ctx.facts.state.items():
-            state[name] = TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer,
-                                     spec.placement.to_json())
+        functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, cfg.n_layers, traced_layers)
+        weights = canonical_order({**weights, **mode_weights})
+        state = canonical_order({**state, **mode_state})
         counters.update({f"{mode}.{k}": v for k, v in ctx.counters.items()})
     program = Program(
         target=target.name, mesh_shape=list(target.mesh_shape), model=cfg.to_json(),

@@ -25,10 +25,14 @@ def _constant_recipe(name: str, max_seq_len: int) -> list:
 
 
 def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
-          max_seq_len: int) -> tuple[torch.fx.GraphModule, PassContext]:
-    """The reference module as an fx graph plus its weight/state table; no data is read."""
+          max_seq_len: int, layers: int | None = None) -> tuple[torch.fx.GraphModule, PassContext]:
+    """The reference module as an fx graph plus its weight/state table; no data is read.
+
+    `layers`: trace only the first that many decoder layers (the driver stamps the rest,
+    lowering/stamp.py); the context keeps the full config."""
+    module_cfg = cfg if layers is None else cfg.replace(n_layers=layers)
     with torch.device("meta"):
-        model = Transformer(cfg, mode, max_batch=options.batch_size, max_seq_len=max_seq_len)
+        model = Transformer(module_cfg, mode, max_batch=options.batch_size, max_seq_len=max_seq_len)
     gm = torch.fx.symbolic_trace(model)
     seq_rows = SEQ_ROWS
     ctx = PassContext(cfg, target, options, mode, max_seq_len, seq_rows)

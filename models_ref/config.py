@@ -86,7 +86,9 @@ class ModelConfig:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["cross_attention_layers"] = list(self.cross_attention_layers)  # as JSON reads it back
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelConfig":

@@ -14,6 +14,7 @@ LAYER (its decoder layer, None for embedding and head).
 from __future__ import annotations
 
 import operator
+import re
 
 import torch.fx
 import torch.nn.functional as F
@@ -44,11 +45,31 @@ def _linear(gm, ctx, node: torch.fx.Node) -> None:
     replace(gm, node, dialect.linear, (node.args[0], weight, bias))
 
 
+_MODULE_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def _module_layer(node: torch.fx.Node) -> int | None:
+    """The decoder layer whose module called this node at trace time (None: the top level)."""
+    for key, value in reversed(list(node.meta.get("nn_module_stack", {}).items())):
+        path = value[0] if isinstance(value, tuple) else key
+        m = _MODULE_LAYER.search(str(path))
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def _annotate_layers(gm: torch.fx.GraphModule) -> None:
-    """A node with a weight input belongs to that weight's layer, others to their inputs'."""
+    """A node belongs to the decoder layer whose module ran it (the tracer's module
+    stack), so the residual add closing layer i is in layer i and the final norm's input
+    slice is in none. Graphs without module stacks (built by hand): a node with a weight
+    input belongs to that weight's layer, others to their inputs'."""
+    traced = any("nn_module_stack" in n.meta for n in gm.graph.nodes)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             node.meta[LAYER] = layer_of_name(node.target)
+            continue
+        if traced:
+            node.meta[LAYER] = _module_layer(node)
             continue
         inputs = node.all_input_nodes
         weight_layers = [n.meta[LAYER] for n in inputs if n.op == "get_attr"]

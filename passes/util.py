@@ -27,10 +27,12 @@ def get_attr(gm: torch.fx.GraphModule, before: torch.fx.Node, name: str) -> torc
 
 
 def replace(gm: torch.fx.GraphModule, old: torch.fx.Node, target, args, kwargs=None) -> torch.fx.Node:
-    """Replace `old` by call_function(target, args), keeping its name stem and layer."""
+    """Replace `old` by call_function(target, args), keeping its layer and module stack."""
     with gm.graph.inserting_before(old):
         new = gm.graph.call_function(target, tuple(args), kwargs or {})
     new.meta[LAYER] = old.meta.get(LAYER)
+    if "nn_module_stack" in old.meta:  # where the tracer saw it (canonicalize reads it)
+        new.meta["nn_module_stack"] = old.meta["nn_module_stack"]
     old.replace_all_uses_with(new)
     gm.graph.erase_node(old)
     return new
