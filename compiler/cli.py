@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help=f"users per decode batch: {BATCH_SIZES}")
     p.add_argument("--max-seq-len", type=int, help="longest prompt + generation per user")
     p.add_argument("--max-prefill-chunk", type=int, help="longest prefill chunk in tokens")
+    p.add_argument("--no-paged-attention", action="store_true",
+                   help="contiguous per-user KV caches instead of a paged block pool (no chunked prefill)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--max-num-blocks", type=int, default=1024)
     p.add_argument("--no-weights", action="store_true", help="compile from the config alone")
@@ -36,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump", metavar="DIR", help="write the IR after every pass and the program")
     p.add_argument("--verify", action="store_true", help="run the graph verifier after every pass")
     p.add_argument("--emit", choices=["python"], help="print the program as ttnn calls")
-    p.add_argument("--report", action="store_true", help="print a per-target summary")
+    p.add_argument("--report", action="store_true",
+                   help="print the target's memory plan: bytes per chip by category, max context and "
+                        "prefill chunk, collectives per layer, estimated decode tokens/s/user")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -48,6 +52,7 @@ def options_from_args(args, environ=os.environ) -> CompileOptions:
         target=(args.target or "N150"), optimizations=args.optimizations,
         batch_size=args.batch_size, max_seq_len=args.max_seq_len,
         max_prefill_chunk=args.max_prefill_chunk, block_size=args.block_size,
+        paged_attention=not args.no_paged_attention,
         max_num_blocks=args.max_num_blocks, no_weights=args.no_weights,
         **({"cache_dir": Path(args.cache)} if args.cache else {}))
     return apply_env(options, environ, explicit)
@@ -68,6 +73,9 @@ def _run(args) -> int:
     result = compile_model(model_dir, options, observer)
     for text in result.printed:
         print(text)
+    if args.report:
+        from .report import format_report
+        print(format_report(result.plan, result.cfg.name, options.optimizations))
     if args.emit == "python":
         from lowering.emit_python import emit_program
         print(emit_program(result.program))

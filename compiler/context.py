@@ -20,12 +20,25 @@ class PassContext:
     max_seq_len: int
     seq_rows: int  # the row count the graph is propagated with (see trace.SEQ_ROWS)
     facts: GraphFacts = field(default_factory=GraphFacts)
+    # Placeholder name -> shape as a function of the row count (prefill: S; decode: ignored).
+    input_shapes: dict = field(default_factory=dict)
     example_inputs: dict = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
 
     @property
     def decode(self) -> bool:
         return self.mode == "decode"
+
+    def inputs_at(self, rows: int) -> dict:
+        """Meta example inputs for every tensor placeholder at a given row count."""
+        import torch
+        return {name: torch.empty(shape(rows), dtype=torch.int64, device="meta")
+                for name, shape in self.input_shapes.items()}
+
+    def add_input(self, name: str, shape) -> None:
+        """Declare a tensor placeholder a pass introduced (`shape(rows) -> tuple`)."""
+        self.input_shapes[name] = shape
+        self.example_inputs = self.inputs_at(self.seq_rows)
 
     def propagate(self, gm, inputs: dict | None = None) -> None:
         """Refresh node.meta[VAL] (per-chip shapes) by running the graph on meta tensors."""

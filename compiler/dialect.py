@@ -58,18 +58,84 @@ def all_gather(x: torch.Tensor, dim: int, axis: int, size: int) -> torch.Tensor:
     return torch.cat([x] * size, dim=dim)
 
 
+# ---------------------------------------------------------------- paged KV cache
+# A cache is a pool of blocks [num_blocks, Hkv, block_size, hd]; a page table row maps a
+# user's logical block j (positions j*bs .. j*bs+bs-1) to a physical block.
+
+def _gather_user(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """A user's first `length` positions, [Hkv, length, hd], read through its page table row."""
+    bs = cache.shape[2]
+    blocks = cache[table_row[: -(-length // bs)].long()]  # [n, Hkv, bs, hd]
+    return blocks.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])[:, :length]
+
+
+def paged_fill_cache(cache: torch.Tensor, kv: torch.Tensor, chunk_page_table: torch.Tensor) -> torch.Tensor:
+    """Write a prefill chunk's K or V `[1, Hkv, S, hd]` into the blocks its table names."""
+    if cache.device.type != "meta":
+        bs = cache.shape[2]
+        for j, block in enumerate(chunk_page_table[0].tolist()):
+            cache[block] = kv[0, :, j * bs:(j + 1) * bs].to(cache.dtype)
+    return cache
+
+
+def paged_update_cache(cache: torch.Tensor, kv: torch.Tensor, cur_pos: torch.Tensor,
+                       page_table: torch.Tensor) -> torch.Tensor:
+    """Write user b's decode K or V `[1, B, Hkv, hd]` at position cur_pos[b] (< 0: skip)."""
+    if cache.device.type != "meta":
+        bs = cache.shape[2]
+        for b, pos in enumerate(cur_pos.tolist()):
+            if pos >= 0:
+                cache[int(page_table[b, pos // bs]), :, pos % bs] = kv[0, b].to(cache.dtype)
+    return cache
+
+
+def chunked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      page_table: torch.Tensor, chunk_start: int, scale: float) -> torch.Tensor:
+    """Prefill chunk attention: q `[1, H, S, hd]` at positions chunk_start.. sees every
+    earlier position of its user through the page table (its own chunk included, causal)."""
+    if q.device.type == "meta":
+        return torch.empty_like(q)
+    rows = q.shape[2]
+    k = _gather_user(k_cache, page_table[0], chunk_start + rows)[None]
+    v = _gather_user(v_cache, page_table[0], chunk_start + rows)[None]
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+    visible = torch.arange(chunk_start + rows)[None, :] <= torch.arange(chunk_start, chunk_start + rows)[:, None]
+    mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cur_pos: torch.Tensor, page_table: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention `[1, B, H, hd]`: user b sees its positions 0..cur_pos[b]."""
+    if q.device.type == "meta":
+        return torch.empty_like(q)
+    out = torch.zeros_like(q)
+    for b, pos in enumerate(cur_pos.tolist()):
+        if pos < 0:
+            continue
+        k = _gather_user(k_cache, page_table[b], pos + 1)  # [Hkv, L, hd]
+        v = _gather_user(v_cache, page_table[b], pos + 1)
+        groups = q.shape[2] // k.shape[0]
+        k, v = k.repeat_interleave(groups, 0).float(), v.repeat_interleave(groups, 0).float()
+        scores = torch.einsum("hd,hld->hl", q[0, b].float(), k) * scale
+        out[0, b] = torch.einsum("hl,hld->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
 DIALECT = {
     f.__name__: f
     for f in (
         ref.embed, ref.rms_norm, ref.split_heads, ref.merge_heads, ref.rotary, ref.rope_rows,
         ref.fill_cache, ref.update_cache, ref.causal_attention, ref.decode_attention,
         ref.last_tile, linear, add, mul, silu, qkv_heads, gated_mlp, operator.getitem,
-        all_reduce, all_gather,
+        all_reduce, all_gather, paged_fill_cache, paged_update_cache, chunked_attention,
+        paged_decode_attention,
     )
 }
 
 # Ops that write device state: never dead, never reordered across each other.
-SIDE_EFFECTS = frozenset({ref.fill_cache, ref.update_cache})
+SIDE_EFFECTS = frozenset({ref.fill_cache, ref.update_cache, paged_fill_cache, paged_update_cache})
 COLLECTIVES = frozenset({all_reduce, all_gather})
 
 

@@ -10,8 +10,9 @@ from lowering.stamp import (TRACED_LAYERS, canonical_names, canonical_order, sta
                             stamp_state, stamp_weights)
 from models_ref.config import ModelConfig, load_config
 from models_ref.weights import CheckpointReader, open_checkpoint
+from passes.memory_plan import MemoryPlan
 
-from .options import DEFAULT_MAX_SEQ_LEN, CompileOptions
+from .options import CompileOptions
 from .pipeline import Observer, run_pipeline
 from .targets import Target, get_target
 from .trace import trace
@@ -31,16 +32,28 @@ class CompileResult:
     reader: CheckpointReader | None
     printed: list[str] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
+    plan: MemoryPlan | None = None  # bytes per chip and fit decisions (passes/memory_plan.py)
 
 
 def resolve_max_seq_len(cfg: ModelConfig, options: CompileOptions) -> int:
+    """The context compiled for first: --max-seq-len (at most the model's), else the
+    model's max_position_embeddings (to a whole KV block), which the memory planner then
+    caps to what fits."""
     limit = cfg.max_position_embeddings
     if options.max_seq_len is None:
-        return min(limit, DEFAULT_MAX_SEQ_LEN)
+        return max(limit // options.block_size * options.block_size, min(limit, options.block_size))
     if options.max_seq_len > limit:
         raise CompileError(
             f"--max-seq-len {options.max_seq_len} exceeds the model's max_position_embeddings ({limit})")
     return options.max_seq_len
+
+
+def _merge_plans(prefill: MemoryPlan, decode: MemoryPlan) -> MemoryPlan:
+    """The prefill graph decides DRAM; the decode graph adds its step's L1 live set."""
+    prefill.decode_activation_bytes = decode.decode_activation_bytes
+    prefill.collectives_per_layer.update(decode.collectives_per_layer)
+    prefill.refusal = prefill.refusal or decode.refusal
+    return prefill
 
 
 def _lower_mode(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Function, dict, dict]:
@@ -72,17 +85,34 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
         cfg = reader.cfg
     max_seq_len = resolve_max_seq_len(cfg, options)
     observer = observer or Observer()
-    functions, weights, state, counters = {}, {}, {}, {}
+    functions, weights, state, counters, plans = {}, {}, {}, {}, {}
     traced_layers = None if full_trace or cfg.n_layers <= TRACED_LAYERS else TRACED_LAYERS
     for mode in MODES:
+        printed = len(observer.printed)
         gm, ctx = trace(cfg, mode, target, options, max_seq_len, layers=traced_layers)
         gm = run_pipeline(gm, ctx, observer)
+        plans[mode] = plan = ctx.facts.memory
+        if plan.refusal:
+            raise CompileError(plan.refusal)
+        if mode == "prefill" and plan.context != max_seq_len:
+            # The planner capped the default context to what fits: compile for that.
+            max_seq_len = plan.context
+            del observer.printed[printed:]
+            gm, ctx = trace(cfg, mode, target, options, max_seq_len, layers=traced_layers)
+            gm = run_pipeline(gm, ctx, observer)
+            plans[mode] = ctx.facts.memory
         functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, cfg.n_layers, traced_layers)
         weights = canonical_order({**weights, **mode_weights})
         state = canonical_order({**state, **mode_state})
         counters.update({f"{mode}.{k}": v for k, v in ctx.counters.items()})
+    plan = _merge_plans(plans["prefill"], plans["decode"])
+    if plan.refusal:
+        raise CompileError(plan.refusal)
     program = Program(
         target=target.name, mesh_shape=list(target.mesh_shape), model=cfg.to_json(),
-        options={**options.to_json(), "max_seq_len": max_seq_len}, weights=weights,
-        state=state, functions=functions)
-    return CompileResult(program, cfg, target, reader, observer.printed, counters)
+        options={**options.to_json(), "max_seq_len": max_seq_len,
+                 # The chunk the runtime prefills in: the option, else the memory planner's.
+                 "prefill_chunk": plan.prefill_chunk},
+        weights=weights,
+        state=state, functions=functions, memory_plan=plan.to_json())
+    return CompileResult(program, cfg, target, reader, observer.printed, counters, plan)

@@ -18,6 +18,7 @@ class CompileOptions:
     batch_size: int = 1
     max_seq_len: int | None = None  # None: min(model max, DEFAULT_MAX_SEQ_LEN)
     max_prefill_chunk: int | None = None
+    paged_attention: bool = True
     block_size: int = 32
     max_num_blocks: int = 1024
     no_weights: bool = False

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import torch.fx
 
-from passes import canonicalize, fuse_mlp, fuse_qkv, precision, shard
+from passes import canonicalize, chunked_prefill, fuse_mlp, fuse_qkv, memory_plan, paged_kv, precision, shard
 
 from .printer import graph_text
 from .verify import verify
 
-PIPELINE = [canonicalize, fuse_qkv, fuse_mlp, shard, precision]
+PIPELINE = [canonicalize, fuse_qkv, fuse_mlp, shard, paged_kv, chunked_prefill, precision, memory_plan]
 
 # Passes that must run before others, checked at import rather than trusted to a comment.
 ORDER_CONSTRAINTS = [("canonicalize", "fuse_qkv"), ("canonicalize", "fuse_mlp"),
-                     ("fuse_qkv", "shard"), ("fuse_mlp", "shard"), ("shard", "precision")]
+                     ("fuse_qkv", "shard"), ("fuse_mlp", "shard"), ("shard", "precision"),
+                     ("shard", "paged_kv"), ("paged_kv", "chunked_prefill")]
 
 PASS_NAMES = [p.NAME for p in PIPELINE]
 for _before, _after in ORDER_CONSTRAINTS:

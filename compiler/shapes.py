@@ -7,7 +7,7 @@ import torch.fx
 from .facts import VAL, GraphFacts
 
 # Tiny fixed values for scalar placeholders during propagation.
-SCALAR_EXAMPLES = {"user_id": 0, "last_index": 0}
+SCALAR_EXAMPLES = {"user_id": 0, "last_index": 0, "chunk_start": 0}
 
 
 class _MetaInterpreter(torch.fx.Interpreter):

@@ -48,10 +48,12 @@ def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
         else:
             ctx.facts.state[name] = StateSpec(name, tuple(b.shape), layer=layer_of_name(name))
 
-    rows = options.batch_size if mode == "decode" else seq_rows
-    ctx.example_inputs = {
-        "tokens": torch.empty(1, rows, dtype=torch.int64, device="meta"),
-        "positions": torch.empty(rows, dtype=torch.int64, device="meta"),
-    }
+    batch = options.batch_size
+    if mode == "decode":
+        ctx.add_input("tokens", lambda rows: (1, batch))
+        ctx.add_input("positions", lambda rows: (batch,))
+    else:
+        ctx.add_input("tokens", lambda rows: (1, rows))
+        ctx.add_input("positions", lambda rows: (rows,))
     ctx.propagate(gm)
     return gm, ctx

@@ -68,12 +68,16 @@ SHAPE_RULES = {
     dialect.gated_mlp: _check_gated_mlp,
     ref.fill_cache: _check_cache_write,
     ref.update_cache: _check_cache_write,
+    dialect.paged_fill_cache: _check_cache_write,
+    dialect.paged_update_cache: _check_cache_write,
 }
 
 # Operand positions that may read a block-float weight (ttnn only takes those in matmuls).
 _BLOCK_FLOAT_READERS = {dialect.linear: (1,), dialect.gated_mlp: (1, 2),
                         ref.fill_cache: (0,), ref.update_cache: (0,),
-                        ref.decode_attention: (1, 2)}
+                        ref.decode_attention: (1, 2), dialect.paged_fill_cache: (0,),
+                        dialect.paged_update_cache: (0,), dialect.chunked_attention: (1, 2),
+                        dialect.paged_decode_attention: (1, 2)}
 
 
 def _placement(node):

@@ -170,6 +170,35 @@ def _update_cache(lw: Lowering, node):
     lw.names[node] = lw.names[cache]
 
 
+def _paged_fill_cache(lw: Lowering, node):
+    cache, kv, chunk_table = node.args
+    lw.emit(node, "ttnn.experimental.paged_fill_cache",
+            [lw.ref(cache), _cache_input(lw, node, cache, kv), lw.ref(chunk_table)], {"batch_idx": 0})
+    lw.names[node] = lw.names[cache]
+
+
+def _paged_update_cache(lw: Lowering, node):
+    cache, kv, _, page_table = node.args
+    lw.emit(node, "ttnn.experimental.paged_update_cache", [lw.ref(cache), lw.ref(kv)],
+            {"update_idxs_tensor": "%cur_pos", "page_table": lw.ref(page_table)})
+    lw.names[node] = lw.names[cache]
+
+
+def _chunked_attention(lw: Lowering, node):
+    q, k_cache, v_cache, page_table, _, scale = node.args
+    lw.result(node, "ttnn.transformer.chunked_scaled_dot_product_attention",
+              [lw.ref(q), lw.ref(k_cache), lw.ref(v_cache), lw.ref(page_table), "$chunk_start"],
+              {"scale": scale, "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+
+
+def _paged_decode_attention(lw: Lowering, node):
+    q, k_cache, v_cache, _, page_table, scale = node.args
+    lw.result(node, "ttnn.transformer.paged_scaled_dot_product_attention_decode",
+              [lw.ref(q), lw.ref(k_cache), lw.ref(v_cache)],
+              {"page_table_tensor": lw.ref(page_table), "cur_pos_tensor": "%cur_pos", "scale": scale,
+               "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+
+
 def _causal_attention(lw: Lowering, node):
     q, k, v, scale = node.args
     lw.result(node, "ttnn.transformer.scaled_dot_product_attention",
@@ -248,6 +277,8 @@ RULES = {
     ref.merge_heads: _merge_heads, dialect.add: _binary("ttnn.add"),
     dialect.mul: _binary("ttnn.mul"), dialect.silu: _silu, dialect.gated_mlp: _gated_mlp,
     ref.last_tile: _last_tile, dialect.all_reduce: _all_reduce, dialect.all_gather: _all_gather,
+    dialect.paged_fill_cache: _paged_fill_cache, dialect.paged_update_cache: _paged_update_cache,
+    dialect.chunked_attention: _chunked_attention, dialect.paged_decode_attention: _paged_decode_attention,
 }
 
 
@@ -260,10 +291,16 @@ def _inputs(lw: Lowering) -> None:
     fn.inputs.append(InputSpec("positions", "positions", [1, rows], "uint32"))
     if lw.ctx.decode:
         fn.inputs.append(InputSpec("cur_pos", "positions", [rows], "int32"))
+    if "page_table" in lw.ctx.input_shapes:
+        fn.inputs.append(InputSpec("page_table", "page_table",
+                                   list(lw.ctx.input_shapes["page_table"](0)), "int32"))
+    if "chunk_page_table" in lw.ctx.input_shapes:
+        fn.inputs.append(InputSpec("chunk_page_table", "chunk_page_table",
+                                   [1, f"{SEQ}/{lw.ctx.options.block_size}"], "int32"))
     for spec in fn.inputs:
         fn.tensors[spec.name] = TensorSpec(list(spec.shape), spec.dtype, spec.layout, "DRAM", "input")
     for node in lw.gm.graph.nodes:
-        if node.op == "placeholder" and node.target in ("tokens", "positions"):
+        if node.op == "placeholder" and node.target in lw.ctx.input_shapes:
             lw.names[node] = node.target
         elif node.op == "placeholder":
             lw.names[node] = "$" + node.target
@@ -276,9 +313,7 @@ def _alt_shapes(gm, ctx) -> dict:
     if ctx.decode:
         return {}
     primary = {n: n.meta.get(VAL) for n in gm.graph.nodes}
-    alt_inputs = {k: torch.empty((1, ALT_SEQ_ROWS) if v.dim() == 2 else (ALT_SEQ_ROWS,),
-                                 dtype=v.dtype, device="meta") for k, v in ctx.example_inputs.items()}
-    ctx.propagate(gm, alt_inputs)
+    ctx.propagate(gm, ctx.inputs_at(ALT_SEQ_ROWS))
     alt = {}
     for n in gm.graph.nodes:
         val = n.meta.get(VAL)
@@ -294,7 +329,10 @@ def lower(gm: torch.fx.GraphModule, ctx) -> Function:
     fn = Function(name=ctx.mode, inputs=[], scalars=[], outputs=[], ops=[])
     lw = Lowering(gm, ctx, fn, alt_shapes=_alt_shapes(gm, ctx))
     _inputs(lw)
-    fn.scalars = [] if ctx.decode else ["user_id", "last_tile_start"]
+    fn.scalars = [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.users
+                  and n.target not in ctx.input_shapes and n.target != "last_index"]
+    if not ctx.decode:
+        fn.scalars.append("last_tile_start")  # from last_index: the logits tile (see _last_tile)
     for node in gm.graph.nodes:
         if node.op == "call_function":
             RULES[node.target](lw, node)

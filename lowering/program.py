@@ -28,7 +28,7 @@ class TensorSpec:
     placement: dict | None = None  # {"dim", "axes", "partial"}; None: replicated
 
     def concrete(self, seq: int | None) -> tuple[int, ...]:
-        return tuple(seq if d == SEQ else d for d in self.shape)
+        return tuple(concrete_dim(d, seq) for d in self.shape)
 
 
 @dataclass
@@ -72,6 +72,9 @@ class Program:
     state: dict[str, TensorSpec]
     functions: dict[str, Function]
     format_version: int = FORMAT_VERSION
+    # passes.memory_plan.MemoryPlan.to_json(): bytes per chip by category, max context and
+    # prefill chunk, collectives per layer (informational; the runtime needs none of it)
+    memory_plan: dict = field(default_factory=dict)
 
     # -------------------------------------------------------------- (de)serialisation
     def to_json(self) -> dict:
@@ -99,11 +102,21 @@ class Program:
             options=data["options"], weights=data["weights"],
             state={k: TensorSpec(**v) for k, v in data["state"].items()},
             functions=functions, format_version=data["format_version"],
+            memory_plan=data.get("memory_plan") or {},
         )
 
     @classmethod
     def loads(cls, text: str) -> "Program":
         return cls.from_json(json.loads(text))
+
+
+def concrete_dim(dim, seq: int | None):
+    """An int, "S" (the prefill row count) or "S/k" (rows per k, e.g. blocks of a chunk)."""
+    if dim == SEQ:
+        return seq
+    if isinstance(dim, str) and dim.startswith(SEQ + "/"):
+        return seq // int(dim[2:])
+    return dim
 
 
 # ------------------------------------------------------------------ argument helpers

@@ -86,10 +86,14 @@ def weight_dtype(name: str, policy: Policy) -> str:
     return policy.activations  # norms, biases, rope tables: activation precision
 
 
+_ATTENTION = {dialect.DIALECT[name] for name in (
+    "causal_attention", "decode_attention", "chunked_attention", "paged_decode_attention")}
+
+
 def _fidelity(node: torch.fx.Node, policy: Policy) -> str:
     if node.target is dialect.gated_mlp:
         return policy.ff1_ff3_fidelity
-    if node.target in (dialect.DIALECT["causal_attention"], dialect.DIALECT["decode_attention"]):
+    if node.target in _ATTENTION:
         return policy.attention_fidelity
     return policy.default_fidelity
 

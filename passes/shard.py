@@ -118,6 +118,13 @@ def _shard_lm_head(gm, ctx, chips, axes) -> None:
                 user.replace_input_with(node, last)
 
 
+# Ops whose output is split by heads when their inputs are (or by hidden units: gated_mlp).
+_HEAD_OPS = (dialect.qkv_heads, dialect.gated_mlp, ref.merge_heads, ref.rotary,
+             ref.causal_attention, ref.decode_attention, ref.update_cache, ref.fill_cache,
+             dialect.paged_fill_cache, dialect.paged_update_cache, dialect.chunked_attention,
+             dialect.paged_decode_attention)
+
+
 # How each op's output placement follows from its inputs'.
 def _placement_of(node, facts, decode: bool) -> Placement:
     if node.op == "get_attr":
@@ -135,8 +142,9 @@ def _placement_of(node, facts, decode: bool) -> Placement:
         if w.dim == 0:
             return Placement(None, w.axes, partial=True)
         return Placement(3, w.axes) if w.dim == 1 else REPLICATED
-    if node.target in (dialect.qkv_heads, dialect.gated_mlp, ref.merge_heads, ref.rotary,
-                       ref.causal_attention, ref.decode_attention, ref.update_cache, ref.fill_cache):
+    if node.target in dialect.SIDE_EFFECTS:  # cache writes return the cache, as placed
+        return _placement_of(node.args[0], facts, decode)
+    if node.target in _HEAD_OPS:
         sharded = [p for p in ins if p.dim is not None]
         if not sharded:
             return REPLICATED
@@ -147,6 +155,8 @@ def _placement_of(node, facts, decode: bool) -> Placement:
 
 
 def annotate(gm, facts, decode: bool) -> None:
+    """Set PLACEMENT on every node from the weights' and caches' placements. Later passes
+    that add nodes call it again."""
     for node in gm.graph.nodes:
         node.meta[PLACEMENT] = _placement_of(node, facts, decode)
 

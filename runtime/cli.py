@@ -1,63 +1,116 @@
-"""`ttrun`: run a compiled program. `ttrun prompt --program OUT "text"` streams an answer
-and prints time to first token and tokens/s. (The seed's demo presets come next.)"""
+"""`ttrun`: run a compiled program.
+
+    ttrun PRESET --program OUT      the seed's demo presets: batch-1, batch-32, long-context,
+                                    reasoning-1 (prompts from runtime/presets/*.json)
+    ttrun PRESET --model DIR        compile DIR for the preset first (then --target,
+                                    --optimizations apply)
+    ttrun prompt "text" --program OUT
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .presets import PRESETS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ttrun", description="Generate text with a compiled program.")
-    sub = p.add_subparsers(dest="command", required=True)
-    prompt = sub.add_parser("prompt", help="answer one or more prompts")
-    prompt.add_argument("prompts", nargs="+")
-    prompt.add_argument("--program", required=True, help="artifact folder written by ttcompile")
-    prompt.add_argument("--backend", default="emulator", choices=["emulator", "ttnn"])
-    prompt.add_argument("--max-generated-tokens", type=int, default=128)
-    prompt.add_argument("--temperature", type=float, default=0.0)
-    prompt.add_argument("--top-p", type=float, default=1.0)
-    prompt.add_argument("--seed", type=int)
-    prompt.add_argument("--no-stop-at-eos", action="store_true")
-    prompt.add_argument("--no-instruct", action="store_true", help="do not apply the chat template")
+    p.add_argument("preset", choices=[*PRESETS, "prompt"], help="a demo preset, or 'prompt'")
+    p.add_argument("prompts", nargs="*", help="with 'prompt': the prompt texts")
+    p.add_argument("--program", help="artifact folder written by ttcompile")
+    p.add_argument("--model", help="a model directory to compile for the preset instead of --program")
+    p.add_argument("--target", default="N150")
+    p.add_argument("--optimizations", choices=["performance", "accuracy", "float32"], default="performance")
+    p.add_argument("--backend", default="emulator", choices=["emulator", "ttnn"])
+    p.add_argument("--input-prompts", help="a JSON prompt file instead of the preset's")
+    p.add_argument("--batch-size", type=int, help="users per batch (compiles with --model)")
+    p.add_argument("--repeat-batches", type=int)
+    p.add_argument("--max-generated-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-stop-at-eos", action="store_true")
+    p.add_argument("--no-instruct", action="store_true", help="do not apply the chat template")
     return p
 
 
-def _prompt(args) -> int:
+def _compile(args, preset) -> str:
+    from pathlib import Path
+
+    from compiler import cli as compiler_cli
+
+    batch = args.batch_size or preset.batch_size
+    out = Path("build") / f"{Path(args.model).resolve().name}-{args.target}-{args.optimizations}-{preset.name}-b{batch}"
+    argv = [args.model, "--target", args.target, "--optimizations", args.optimizations,
+            "--batch-size", str(batch), "--max-seq-len", str(preset.max_seq_len),
+            "--block-size", str(preset.block_size), "--max-num-blocks", str(preset.max_num_blocks),
+            "-o", str(out), "-q"]
+    if compiler_cli.main(argv) != 0:
+        raise ValueError("compilation failed (see above)")
+    return str(out)
+
+
+def _run(args) -> int:
     import runtime
+    from .presets import Preset, encode_entry, read_prompts
 
-    session = runtime.load(args.program, backend=args.backend)
-    streamers = {}
-    single = len(args.prompts) == 1
-
-    def on_token(user: int, token: int) -> None:
-        if single:
-            if user not in streamers:
-                streamers[user] = session.tokenizer.stream_decoder()
-            sys.stdout.write(streamers[user](token))
-            sys.stdout.flush()
-
-    if single:
-        print(f"> {args.prompts[0]}")
-    outputs = session.generate(
-        args.prompts, max_generated_tokens=args.max_generated_tokens, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_stop_at_eos,
-        instruct=False if args.no_instruct else None, on_token=on_token)
-    if single:
-        print(flush=True)
+    preset = PRESETS.get(args.preset) or Preset("prompt", "", 1, 128, 4096)
+    if not (args.program or args.model):
+        raise ValueError("give --program OUT (or --model DIR to compile first)")
+    program = _compile(args, preset) if args.model else args.program
+    session = runtime.load(program, backend=args.backend)
+    instruct = not args.no_instruct and session.tokenizer.has_chat_template
+    if args.preset == "prompt":
+        if not args.prompts:
+            raise ValueError("ttrun prompt needs at least one prompt text")
+        prompts = [session.tokenizer.apply_chat_template(p) if instruct else session.tokenizer.encode(p)
+                   for p in args.prompts]
+        shown = args.prompts
     else:
-        for prompt, text in zip(args.prompts, outputs):
-            print(f"> {prompt}\n{text}\n")
+        entries = read_prompts(args.input_prompts or preset.prompts)
+        prompts = [encode_entry(e, session.tokenizer, instruct) for e in entries]
+        shown = [e.prompt for e in entries]
+    repeat = args.repeat_batches or preset.repeat_batches
+    prompts, shown = prompts * repeat, shown * repeat
+    keywords = dict(
+        max_generated_tokens=args.max_generated_tokens or preset.max_generated_tokens,
+        temperature=preset.temperature if args.temperature is None else args.temperature,
+        top_p=preset.top_p if args.top_p is None else args.top_p, seed=args.seed,
+        stop_at_eos=preset.stop_at_eos and not args.no_stop_at_eos)
+    if len(prompts) == 1:
+        print(f"> {shown[0][:200]}")
+    outputs = _generate_with_progress(session, prompts, keywords)
+    if len(prompts) > 1:
+        for prompt, ids in zip(shown, outputs):
+            print(f"> {prompt[:200]}\n{session.tokenizer.decode(ids)}\n")
     print(session.stats.summary(), file=sys.stderr)
     return 0
+
+
+def _generate_with_progress(session, prompts, keywords):
+    """Per-token streaming for one user; a progress bar over tokens for a batch."""
+    if len(prompts) == 1:
+        stream = session.tokenizer.stream_decoder()
+        outputs = session.generate(prompts, on_token=lambda user, token: print(stream(token), end="", flush=True),
+                                   **keywords)
+        print(flush=True)
+        return outputs
+    from tqdm import tqdm
+    with tqdm(total=len(prompts) * keywords["max_generated_tokens"], unit="tok", file=sys.stderr,
+              desc=f"{len(prompts)} users") as bar:
+        return session.generate(prompts, on_token=lambda user, token: bar.update(1), **keywords)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _prompt(args)
+        return _run(args)
     except ValueError as e:
         print(f"ttrun: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,16 +40,47 @@ def generate(session, prompts, max_generated_tokens, temperature, top_p, seed, s
     rng = np.random.default_rng(seed)
     stats = Stats(users=len(encoded))
     start = time.perf_counter()
-    outputs: list[list[int]] = []
-    batch = session.batch_size
-    for first in range(0, len(encoded), batch):  # repeat batches
-        group = encoded[first:first + batch]
-        outputs += _run_batch(session, group, max_generated_tokens, temperature, top_p, rng, eos,
-                              stats, start, on_token, first)
+    outputs: dict[int, list[int]] = {}
+    for group in _batches(session, encoded, max_generated_tokens):  # repeat batches
+        results = _run_batch(session, [encoded[u] for u in group], max_generated_tokens, temperature,
+                             top_p, rng, eos, stats, start, on_token, group)
+        outputs.update(zip(group, results))
+    outputs = [outputs[u] for u in range(len(encoded))]
     session.stats = stats
     if as_text:
         return [session.tokenizer.decode(ids) for ids in outputs]
     return outputs
+
+
+def _reservation(session, ids, max_new) -> int:
+    from .session import prefill_rows
+    return min(max(prefill_rows(len(ids)), len(ids) + max_new), session.max_seq_len)
+
+
+def _batches(session, encoded, max_new):
+    """Groups of users that run together: at most batch_size, and (paged programs) only as
+    many as the page pool holds at once; the others wait for a later batch."""
+    batch = session.batch_size
+    if not session.paged:
+        return [list(range(u, min(u + batch, len(encoded)))) for u in range(0, len(encoded), batch)]
+    pool = session.pages
+    need = [pool.blocks_for(_reservation(session, ids, max_new)) for ids in encoded]
+    for u, blocks in enumerate(need):
+        if blocks > pool.num_blocks:
+            from .pages import PagePoolExhausted
+            raise PagePoolExhausted(
+                f"prompt {u} needs {blocks} KV blocks of {pool.block_size} tokens, the pool has "
+                f"{pool.num_blocks} (recompile with a larger --max-num-blocks or generate fewer tokens)")
+    groups, pending = [], list(range(len(encoded)))
+    while pending:
+        group, free = [], pool.num_blocks
+        for u in list(pending):
+            if len(group) < batch and need[u] <= free:
+                group.append(u)
+                free -= need[u]
+                pending.remove(u)
+        groups.append(group)
+    return groups
 
 
 def _eos_without_text(session):
@@ -59,43 +90,46 @@ def _eos_without_text(session):
         return frozenset()
 
 
-def _run_batch(session, group, max_new, temperature, top_p, rng, eos, stats, start, on_token, offset):
+def _run_batch(session, group, max_new, temperature, top_p, rng, eos, stats, start, on_token, users):
     batch = session.batch_size
-    session.backend.reset()
+    session.reset()
+    if session.paged:
+        for slot, ids in enumerate(group):
+            session.pages.reserve(slot, _reservation(session, ids, max_new))
     t0 = time.perf_counter()
-    last_logits = np.stack([session.prefill(ids, user_id=u) for u, ids in enumerate(group)])
+    last_logits = np.stack([session.prefill(ids, user_id=slot) for slot, ids in enumerate(group)])
     stats.prefill_s += time.perf_counter() - t0
     next_tokens = sample(last_logits, temperature, top_p, rng)
     if stats.time_to_first_token_s == 0.0:
         stats.time_to_first_token_s = time.perf_counter() - start
     lengths = np.array([len(ids) for ids in group])
     generated = [[int(t)] for t in next_tokens]
-    done = np.array([int(t) in eos for t in next_tokens])
     limits = np.minimum(max_new, session.max_seq_len - lengths)
-    done |= np.array([len(g) >= lim for g, lim in zip(generated, limits)])
-    _notify(on_token, offset, generated, range(len(group)))
+    done = np.array([int(t) in eos or len(g) >= lim for t, g, lim in zip(next_tokens, generated, limits)])
+    _notify(on_token, users, generated, range(len(group)))
     tokens = np.zeros(batch, dtype=np.int64)
-    positions = np.zeros(batch, dtype=np.int64)
+    positions = np.full(batch, -1, dtype=np.int64)  # empty slots and finished users: inactive
     t0 = time.perf_counter()
     while not done.all():
-        for u, g in enumerate(generated):
-            tokens[u], positions[u] = g[-1], lengths[u] + len(g) - 1
+        for slot, g in enumerate(generated):
+            tokens[slot] = g[-1]
+            positions[slot] = -1 if done[slot] else lengths[slot] + len(g) - 1
         logits = session.decode(tokens, positions)[: len(group)]
         stats.decode_steps += 1
         chosen = sample(logits, temperature, top_p, rng)
-        active = [u for u in range(len(group)) if not done[u]]
-        for u in active:
-            generated[u].append(int(chosen[u]))
-            if int(chosen[u]) in eos or len(generated[u]) >= limits[u]:
-                done[u] = True
-        _notify(on_token, offset, generated, active)
+        active = [slot for slot in range(len(group)) if not done[slot]]
+        for slot in active:
+            generated[slot].append(int(chosen[slot]))
+            if int(chosen[slot]) in eos or len(generated[slot]) >= limits[slot]:
+                done[slot] = True
+        _notify(on_token, users, generated, active)
     stats.decode_s += time.perf_counter() - t0
     stats.generated_tokens += sum(len(g) for g in generated)
     # Drop a trailing EOS from what we return, as chat front-ends do.
     return [g[:-1] if g and g[-1] in eos else g for g in generated]
 
 
-def _notify(on_token, offset, generated, users):
+def _notify(on_token, users, generated, slots):
     if on_token is not None:
-        for u in users:
-            on_token(offset + u, generated[u][-1])
+        for slot in slots:
+            on_token(users[slot], generated[slot][-1])

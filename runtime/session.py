@@ -57,6 +57,17 @@ def prefill_rows(length: int) -> int:
     return min(power, -(-length // 2048) * 2048)
 
 
+def prefill_chunk(rows: int, max_chunk: int, block_size: int) -> int:
+    """The chunk a padded prompt of `rows` is prefilled in: the largest power-of-two
+    fraction of `max_chunk` that divides `rows` (rows are 128 * 2^k or multiples of 2048)."""
+    chunk = min(max_chunk, rows)
+    while rows % chunk or chunk % block_size:
+        chunk //= 2
+        if chunk < block_size:
+            raise ValueError(f"cannot split a {rows}-row prefill into chunks of at most {max_chunk}")
+    return chunk
+
+
 def read_artifact(path: str | Path) -> tuple[Program, dict]:
     path = Path(path)
     if not (path / "program.json").exists():
@@ -92,6 +103,7 @@ class Session:
     backend: object
     stats: Stats = field(default_factory=Stats)
     _tokenizer: object = None
+    _pages: object = None
 
     @property
     def max_seq_len(self) -> int:
@@ -120,22 +132,67 @@ class Session:
             raise ValueError(f"prompt of {length} tokens does not fit max-seq-len {self.max_seq_len} "
                              "(recompile with a larger --max-seq-len or shorten the prompt)")
 
+    @property
+    def paged(self) -> bool:
+        return any(i.name == "page_table" for i in self.program.functions["decode"].inputs)
+
+    @property
+    def max_prefill_chunk(self) -> int:
+        return int(self.program.options.get("prefill_chunk") or self.max_seq_len)
+
+    @property
+    def pages(self):
+        """The KV page allocator (paged programs only), created on first use."""
+        if self._pages is None:
+            from .pages import PageAllocator
+            options = self.program.options
+            self._pages = PageAllocator(options["max_num_blocks"], options["block_size"],
+                                        self.max_seq_len // options["block_size"])
+        return self._pages
+
+    def reset(self) -> None:
+        """Forget every user: zero the caches, free every page."""
+        self.backend.reset()
+        if self.paged:
+            self.pages.reset()
+
     def prefill(self, token_ids: list[int], user_id: int) -> np.ndarray:
-        """Prefill one user; returns the logits [V] at its last prompt position."""
+        """Prefill one user (chunk by chunk when the prompt is longer than the largest
+        prefill chunk); returns the logits [V] at its last prompt position."""
         self._check_length(len(token_ids))
-        rows = prefill_rows(len(token_ids))
+        rows = min(prefill_rows(len(token_ids)), self.max_seq_len)
         tokens = np.zeros((1, rows), dtype=np.int64)
         tokens[0, : len(token_ids)] = token_ids
-        positions = np.arange(rows, dtype=np.int64)[None]
         last = len(token_ids) - 1
-        start = (last // TILE) * TILE
-        (logits,) = self.backend.run("prefill", {"tokens": tokens, "positions": positions},
-                                     {"user_id": user_id, "last_tile_start": start})
-        return logits.reshape(-1, logits.shape[-1])[last - start, : self.vocab_size]
+        if not self.paged:
+            return self._prefill_call(tokens, 0, last, {"user_id": user_id})
+        block = self.program.options["block_size"]
+        self.pages.reserve(user_id, rows)  # the padded rows are written too
+        row = self.pages.row(user_id)
+        chunk = prefill_chunk(rows, self.max_prefill_chunk, block)
+        for start in range(0, rows, chunk):
+            inputs = {"page_table": row[None], "chunk_page_table": row[None, start // block:(start + chunk) // block]}
+            logits = self._prefill_call(tokens[:, start:start + chunk], start, last, {"chunk_start": start}, inputs)
+            if start <= last < start + chunk:
+                result = logits
+        return result
+
+    def _prefill_call(self, tokens, start: int, last: int, scalars: dict, inputs: dict | None = None):
+        rows = tokens.shape[1]
+        local = min(max(last - start, 0), rows - 1)
+        tile = (local // TILE) * TILE
+        (logits,) = self.backend.run(
+            "prefill", {"tokens": tokens, "positions": np.arange(start, start + rows)[None], **(inputs or {})},
+            {**scalars, "last_tile_start": tile})
+        return logits.reshape(-1, logits.shape[-1])[local - tile, : self.vocab_size]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One decode step for the whole batch: tokens/positions [B] -> logits [B, V]."""
-        (logits,) = self.backend.run("decode", {"tokens": tokens[None], "positions": positions[None]})
+        """One decode step for the whole batch: tokens/positions [B] -> logits [B, V].
+        A user at position < 0 is inactive: it reads and writes no cache."""
+        inputs = {"tokens": tokens[None], "positions": positions[None]}
+        if self.paged:
+            inputs["page_table"] = self.pages.table(self.batch_size)
+        (logits,) = self.backend.run("decode", inputs)
         return logits.reshape(-1, logits.shape[-1])[: len(tokens), : self.vocab_size]
 
     # ------------------------------------------------------------------ public API
@@ -147,12 +204,15 @@ class Session:
             raise ValueError("prefill_len must be between 1 and len(token_ids)")
         if len(token_ids) > self.max_seq_len:
             raise ValueError(f"{len(token_ids)} tokens exceed max-seq-len {self.max_seq_len}")
-        self.backend.reset()
+        self.reset()
+        if self.paged:
+            self.pages.reserve(0, len(token_ids))
         rows = [self.prefill(token_ids[:prefill_len], user_id=0)]
         batch = self.batch_size
         for pos in range(prefill_len, len(token_ids) - 1):
             tokens = np.zeros(batch, dtype=np.int64)
             positions = np.zeros(batch, dtype=np.int64)
+            positions[:] = -1  # other users are inactive
             tokens[0], positions[0] = token_ids[pos], pos
             rows.append(self.decode(tokens, positions)[0])
         return np.stack(rows).astype(np.float32)

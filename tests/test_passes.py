@@ -45,7 +45,8 @@ def make_ctx(mode: str = "prefill", optimizations: str = "float32", name: str = 
              batch_size: int = 1, cfg: ModelConfig = TINY) -> PassContext:
     """A pass context made by hand: empty facts, the N150 row, the given options."""
     return PassContext(cfg.replace(name=name), get_target("N150"),
-                       CompileOptions(optimizations=optimizations, batch_size=batch_size),
+                       CompileOptions(optimizations=optimizations, batch_size=batch_size,
+                                      paged_attention=False),
                        mode, max_seq_len=MAX_SEQ, seq_rows=8)
 
 
@@ -557,8 +558,10 @@ def test_precision_policy(mode, name, optimizations, expected, activations):
 
 # ============================================================================ the pipeline
 def traced(mode: str, optimizations: str = "float32", cfg: ModelConfig = TINY, batch_size: int = 1):
+    # The contiguous-cache pipeline (--no-paged-attention); tests/test_paged.py covers paging.
     return trace(cfg, mode, get_target("N150"), CompileOptions(optimizations=optimizations,
-                                                               batch_size=batch_size), MAX_SEQ)
+                                                               batch_size=batch_size,
+                                                               paged_attention=False), MAX_SEQ)
 
 
 def real_inputs(mode: str, batch_size: int, cfg: ModelConfig = TINY, rows: int = 128, seed: int = 0):

@@ -176,8 +176,11 @@ class EmulatorBackend:
         fn = self.program.functions[fn_name]
         env = dict(self.env)
         for spec in fn.inputs:
-            host = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.int64))
-            env[spec.name] = [host.reshape([d if d != "S" else -1 for d in spec.shape])] * self.chips
+            host = np.ascontiguousarray(inputs[spec.source], dtype=np.int64)
+            if spec.dtype == "uint32":  # e.g. rope rows of an inactive user (position -1)
+                host = np.maximum(host, 0)
+            host = torch.from_numpy(host)
+            env[spec.name] = [host.reshape([d if isinstance(d, int) else -1 for d in spec.shape])] * self.chips
         scalars = scalars or {}
         collectives = 0
         with torch.inference_mode():

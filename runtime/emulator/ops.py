@@ -143,8 +143,40 @@ def fill_cache(cache, x, batch_idx, cache_dtype="bfloat16"):
 
 @impl("ttnn.experimental.paged_update_cache")
 def paged_update_cache(cache, x, update_idxs_tensor=None, page_table=None, cache_dtype="bfloat16"):
-    users = torch.arange(x.shape[1])
-    cache[users, :, update_idxs_tensor.long()] = quantize_like(x[0], cache_dtype)
+    """Without a page table the cache is [users, Hkv, L, hd]; with one, a block pool.
+    Users at a negative position are inactive and write nothing (ttnn's convention)."""
+    positions = update_idxs_tensor.long()
+    rows = quantize_like(x[0], cache_dtype)
+    if page_table is None:
+        active = (positions >= 0).nonzero().flatten()
+        cache[active, :, positions[active]] = rows[active]
+        return
+    users, blocks, offsets = _paged_users(page_table, positions, cache.shape[2])
+    cache[blocks, :, offsets] = rows[users]
+
+
+@impl("ttnn.experimental.paged_fill_cache")
+def paged_fill_cache(cache, x, page_table, batch_idx=0, cache_dtype="bfloat16"):
+    bs = cache.shape[2]
+    blocks = page_table[batch_idx].long()
+    rows = x[0].reshape(x.shape[1], -1, bs, x.shape[3]).transpose(0, 1)  # [n, Hkv, bs, hd]
+    cache[blocks] = rows[: len(blocks)].to(cache.dtype)
+
+
+def _paged_users(page_table, positions, bs):
+    """(user, physical block, offset) for every active user (position >= 0)."""
+    active = (positions >= 0).nonzero().flatten()
+    pos = positions[active].long()
+    return active, page_table[active, pos // bs].long(), pos % bs
+
+
+def _gather_users(cache, page_table, length):
+    """Every user's first `length` positions [B, Hkv, length, hd] through its table row."""
+    bs = cache.shape[2]
+    n_blocks = -(-length // bs)
+    blocks = cache[page_table[:, :n_blocks].long()]  # [B, n, Hkv, bs, hd]
+    batch, _, heads, _, head_dim = blocks.shape
+    return blocks.permute(0, 2, 1, 3, 4).reshape(batch, heads, n_blocks * bs, head_dim)[:, :, :length]
 
 
 def _attend(q, k, v, scale, mask=None, causal=False):
@@ -161,23 +193,48 @@ def sdpa(q, k, v, is_causal=True, scale=None, compute_kernel_config=None, progra
     return _attend(q, k, v, scale, causal=is_causal)
 
 
+def _decode_attend(q, k, v, positions, scale):
+    """q [1, B, H, hd] against k/v [B, Hkv, L, hd]; user b sees 0..positions[b]."""
+    _, batch, n_heads, head_dim = q.shape
+    n_kv, length = k.shape[1], k.shape[2]
+    qg = q[0].float().reshape(batch, n_kv, n_heads // n_kv, head_dim)  # GQA groups
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    if int(positions.min()) + 1 < length:  # users at different positions: hide each one's future
+        future = torch.arange(length)[None, :] > positions.clamp(min=0)[:, None]
+        scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
+    out = torch.matmul(scores.softmax(-1), v.float())  # [B, Hkv, G, hd]
+    return out.reshape(1, batch, n_heads, head_dim)
+
+
 @impl("ttnn.transformer.scaled_dot_product_attention_decode")
 def sdpa_decode(q, k_cache, v_cache, cur_pos_tensor=None, scale=None, compute_kernel_config=None,
                 program_config=None, memory_config=None):
     # Like flash-decode, read the cache only up to the furthest user's position.
-    _, batch, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[1]
-    pos = cur_pos_tensor.long()
+    batch, pos = q.shape[1], cur_pos_tensor.long()
     length = int(pos.max()) + 1
-    k = k_cache[:batch, :, :length].float()  # [B, Hkv, L, hd]
-    v = v_cache[:batch, :, :length].float()
-    qg = q[0].float().reshape(batch, n_kv, n_heads // n_kv, head_dim)  # GQA groups
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
-    if int(pos.min()) + 1 < length:  # users at different positions: hide each one's future
-        future = torch.arange(length)[None, :] > pos[:, None]
-        scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v)  # [B, Hkv, G, hd]
-    return out.reshape(1, batch, n_heads, head_dim)
+    return _decode_attend(q, k_cache[:batch, :, :length], v_cache[:batch, :, :length], pos, scale)
+
+
+@impl("ttnn.transformer.paged_scaled_dot_product_attention_decode")
+def paged_sdpa_decode(q, k_cache, v_cache, page_table_tensor=None, cur_pos_tensor=None, scale=None,
+                      compute_kernel_config=None, program_config=None, memory_config=None):
+    pos = cur_pos_tensor.long()
+    length = max(int(pos.max()) + 1, 1)
+    k = _gather_users(k_cache, page_table_tensor, length)
+    v = _gather_users(v_cache, page_table_tensor, length)
+    return _decode_attend(q, k, v, pos, scale)
+
+
+@impl("ttnn.transformer.chunked_scaled_dot_product_attention")
+def chunked_sdpa(q, k_cache, v_cache, page_table_tensor, chunk_start_idx, scale=None,
+                 compute_kernel_config=None, program_config=None, memory_config=None):
+    rows = q.shape[2]
+    length = chunk_start_idx + rows
+    k = _gather_users(k_cache, page_table_tensor[:1], length)  # [1, Hkv, length, hd]
+    v = _gather_users(v_cache, page_table_tensor[:1], length)
+    visible = torch.arange(length)[None, :] <= torch.arange(chunk_start_idx, length)[:, None]
+    mask = torch.zeros(rows, length).masked_fill(~visible, float("-inf"))
+    return _attend(q, k, v, scale, mask=mask)
 
 
 @impl("ttnn.experimental.nlp_concat_heads")

@@ -1,0 +1,437 @@
+"""memory_plan: what each chip holds, whether it fits, and the largest context and prefill
+chunk that do.
+
+Expects: the final graph (sharded, paged, precision assigned): every WeightSpec and
+StateSpec has its device dtype and placement, node VALs are per-chip shapes.
+Guarantees: the graph is unchanged; ctx.facts.memory is a MemoryPlan computed from
+arithmetic on the graph alone (no model-name tables):
+
+- weights per chip, by category and dtype: `runtime.blockfloat.bytes_for` of each local
+  (per-chip) shape in its device dtype (bfloat16 2 B a value, bfloat8_b 1088 B and
+  bfloat4_b 576 B a 32x32 tile, last two dims padded to 32; 1-D norm weights as the
+  ROW_MAJOR [D/32, 32] rows the lowering makes of them). A graph that holds fewer layers
+  than the model (the driver stamps the rest, lowering/stamp.py) is scaled: per-layer
+  entries count n_layers / layers-in-graph times. Llama 3.2 Vision's cross-attention
+  layers are not in the text program but their weights occupy the device: each is counted
+  as one decoder layer's projections and norms (same shapes, dtypes and sharding);
+- the KV cache per chip: bytes per token slot of every state tensor (K and V of every
+  layer, local KV heads, cache dtype) times the tokens planned, max(batch x context, the
+  page pool the program allocates);
+- rope tables: 2 x context x head_dim values (cos and sin rows per position);
+- activations (prefill graph): the largest set of tensors alive at once while the graph
+  runs with S = the chunk's rows. Every activation is an affine function of S (found by
+  propagating at two row counts); a node's output lives from its definition to its last
+  reader; views (getitem) extend their source; cache writes alias the cache; gated_mlp
+  also holds its two matmul outputs while it runs, as the lowering emits it. Weights and
+  caches are not activations. Attention is flash-style (no S x S scores in DRAM).
+  In decode, the same walk gives the live set of one step, which the reference keeps in
+  L1: it is checked against the chips' L1 (cores x L1 per core);
+- collectives per layer, and a bandwidth bound on decode tokens/s/user: every decode
+  step reads all weights except the embedding and rope tables, plus the KV cache of the
+  context, from DRAM at the target's peak bandwidth.
+
+Decisions (prefill graph), with budget = the target's DRAM per chip:
+1. context: the given --max-seq-len, else the largest that fits with room for a
+   MIN_CONTEXT_CHUNK-token chunk, capped by the model (rounded down to a multiple of 2048,
+   the prefill padding step, or to a power of two below that);
+2. prefill chunk: the given --max-prefill-chunk, else the largest power of two up to the
+   context that fits beside it.
+If the minimal configuration (context min(model, 128) tokens, a 128-token chunk) does not
+fit, or an explicit length or chunk does not, `plan.refusal` says so in one line and what
+would fit (other targets are estimated by re-sharding the same per-layer arithmetic); the
+driver raises it as a CompileError.
+
+    layers.0.feed_forward.w1.weight  [2048, 8192] bfloat4_b  ==>  weights["mlp"] += 16 x 4.6 MB
+    %g = gated_mlp(%x, %w1, %w3) : 1x1xSx8192                ==>  activation(S) >= x + 3 x S x 8192 x 2 B
+"""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.fx
+
+from compiler import dialect
+from compiler.facts import LAYER, VAL
+from runtime.blockfloat import bytes_for
+
+from .head_plan import plan_heads
+
+NAME = "memory_plan"
+
+GB = 1 << 30  # as compiler.targets: "12 GB" is 12 x 2**30 bytes
+MIN_CHUNK = 128  # the smallest prefill the reference pads to
+MIN_CONTEXT_CHUNK = 4096  # the chunk kept free when the context is decided (the seed's smallest)
+PREFILL_STEP = 2048  # prefill pads above 2048 rows to multiples of 2048
+ALT_ROWS = 64  # second row count for the affine fit (the lowering's ALT_SEQ_ROWS)
+SHORT_CONTEXT = 1024  # context of the "short" decode bandwidth estimate
+CROSS_ATTENTION = "cross_attention (not in the text program)"
+
+_CATEGORIES = [
+    (r"attention\.", "attention"),
+    (r"feed_forward\.", "mlp"),
+    (r"norm\.weight$", "norms"),
+    (r"^tok_embeddings\.", "embedding"),
+    (r"^output\.", "lm_head"),
+    (r"^rope_", "rope_tables"),
+]
+# Not read in full by a decode step: embedding rows and rope rows are looked up.
+_LOOKUP_CATEGORIES = ("embedding", "rope_tables")
+
+
+def weight_category(name: str) -> str:
+    return next((cat for pattern, cat in _CATEGORIES if re.search(pattern, name)), "other")
+
+
+def device_bytes(shape, dtype: str) -> int:
+    """Bytes of one device tensor: TILE layout; a 1-D vector is stored as the ROW_MAJOR
+    [ceil(n/32), 32] rows the lowering makes of norm weights."""
+    shape = tuple(shape)
+    if len(shape) == 1:
+        shape = (math.ceil(shape[0] / 32), 32)
+    return bytes_for(shape, dtype)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per chip and the decisions; JSON-able (program.json "memory_plan")."""
+
+    target: str
+    chips: int
+    dram_bytes: int  # per chip
+    l1_bytes: int  # per chip: cores x L1 per core
+    batch: int
+    model_max_context: int
+    weights: dict[str, int] = field(default_factory=dict)  # category -> bytes per chip
+    weights_by_dtype: dict[str, int] = field(default_factory=dict)
+    kv_bytes_per_token: int = 0  # per chip, all layers, K and V
+    kv_pool_tokens: int = 0  # token slots the program's page pool holds (0: not paged)
+    rope_bytes_per_position: int = 0
+    activation_base: int = 0  # prefill peak = max over program points of base + per_row x S
+    activation_points: list = field(default_factory=list)  # [(base, per_row)] upper envelope
+    decode_activation_bytes: int = 0
+    collectives_per_layer: dict[str, int] = field(default_factory=dict)  # mode -> count
+    max_context: int = 0
+    max_prefill_chunk: int = 0
+    context: int = 0  # the context compiled for
+    prefill_chunk: int = 0  # the chunk planned for
+    refusal: str | None = None
+    notes: list[str] = field(default_factory=list)
+    dram_bandwidth_gbs: float = 0.0
+
+    # ------------------------------------------------------------ arithmetic
+    def activation_bytes(self, rows: int) -> int:
+        return max((b + r * rows for b, r in self.activation_points), default=0)
+
+    def kv_tokens(self, context: int) -> int:
+        return max(self.kv_pool_tokens, self.batch * context)
+
+    def fixed_bytes(self) -> int:
+        return sum(v for k, v in self.weights.items() if k != "rope_tables")
+
+    def total_bytes(self, context: int, chunk: int) -> int:
+        """DRAM per chip. Decode activations are not here: they live in L1."""
+        return (self.fixed_bytes() + self.rope_bytes_per_position * context
+                + self.kv_bytes_per_token * self.kv_tokens(context) + self.activation_bytes(chunk))
+
+    def fits(self, context: int, chunk: int) -> bool:
+        return self.total_bytes(context, chunk) <= self.dram_bytes
+
+    def by_category(self, context: int | None = None, chunk: int | None = None) -> dict[str, int]:
+        context = self.context if context is None else context
+        chunk = self.prefill_chunk if chunk is None else chunk
+        out = {k: v for k, v in self.weights.items() if k != "rope_tables"}
+        out["rope_tables"] = self.rope_bytes_per_position * context
+        out["kv_cache"] = self.kv_bytes_per_token * self.kv_tokens(context)
+        out["activations"] = self.activation_bytes(chunk)
+        return out
+
+    def decode_step_bytes(self, context: int) -> int:
+        """DRAM bytes one decode step reads per chip: weights (not lookup tables) + KV."""
+        weights = sum(v for k, v in self.weights.items() if k not in _LOOKUP_CATEGORIES
+                      and not k.startswith("cross_attention"))
+        return weights + self.kv_bytes_per_token * self.batch * context
+
+    def decode_tokens_per_s_per_user(self, context: int) -> float:
+        """Upper bound: each step streams decode_step_bytes at peak DRAM bandwidth."""
+        return self.dram_bandwidth_gbs * 1e9 / self.decode_step_bytes(context)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["activation_points"] = [list(p) for p in self.activation_points]
+        data["summary"] = {"bytes_per_chip": self.by_category(),
+                           "total_bytes_per_chip": sum(self.by_category().values())}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MemoryPlan":
+        data = {k: v for k, v in data.items() if k != "summary"}
+        data["activation_points"] = [tuple(p) for p in data.get("activation_points", [])]
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- weights and caches
+def _layers_in_graph(ctx) -> set[int]:
+    return {s.layer for s in ctx.facts.weights.values() if s.layer is not None}
+
+
+def _account_weights(plan: MemoryPlan, ctx) -> None:
+    mesh = ctx.target.mesh_shape
+    layers = _layers_in_graph(ctx)
+    per_layer: dict[tuple[str, str], int] = {}  # (category, dtype) -> bytes of the graph's layers
+    for spec in ctx.facts.weights.values():
+        local = spec.placement.local_shape(spec.shape, mesh)
+        size = device_bytes(local, spec.dtype)
+        category = weight_category(spec.name)
+        if category == "rope_tables" and len(spec.shape) == 2:
+            # cos / sin [context, head_dim]: accounted per position (the context is decided here)
+            plan.rope_bytes_per_position += size // spec.shape[0]
+            continue
+        if spec.layer is None:
+            plan.weights[category] = plan.weights.get(category, 0) + size
+            plan.weights_by_dtype[spec.dtype] = plan.weights_by_dtype.get(spec.dtype, 0) + size
+        else:
+            per_layer[(category, spec.dtype)] = per_layer.get((category, spec.dtype), 0) + size
+    cross = len(ctx.cfg.cross_attention_layers)
+    for (category, dtype), size in per_layer.items():
+        total = size * ctx.cfg.n_layers // len(layers)  # the graph may hold fewer layers than the model
+        plan.weights[category] = plan.weights.get(category, 0) + total
+        # Llama 3.2 Vision: a gated cross-attention layer holds a decoder layer's projections
+        # and norms (wq, wk, wv, wo, w1, w2, w3), same shapes, dtypes and sharding, plus
+        # per-head q/k norms and two scalar gates (below).
+        extra = size * cross // len(layers)
+        plan.weights_by_dtype[dtype] = plan.weights_by_dtype.get(dtype, 0) + total + extra
+        if cross:
+            plan.weights[CROSS_ATTENTION] = plan.weights.get(CROSS_ATTENTION, 0) + extra
+    if cross:
+        extra = cross * 2 * device_bytes((ctx.cfg.head_dim,), "bfloat16")
+        plan.weights[CROSS_ATTENTION] += extra
+        plan.weights_by_dtype["bfloat16"] = plan.weights_by_dtype.get("bfloat16", 0) + extra
+        plan.notes.append(f"{cross} cross-attention layers are not in the text-only program; "
+                          "their weights are counted as resident")
+
+
+def _account_state(plan: MemoryPlan, ctx) -> None:
+    """KV bytes per token slot (all layers, K and V) and the page pool's slots."""
+    mesh = ctx.target.mesh_shape
+    layers = _layers_in_graph(ctx) or {0}
+    per_token, slots = Fraction(0), set()
+    for spec in ctx.facts.state.values():
+        local = spec.placement.local_shape(spec.shape, mesh)
+        tokens = local[0] * local[2]  # [batch | blocks, kv heads, positions | block, head_dim]
+        slots.add(tokens)
+        count = Fraction(ctx.cfg.n_layers, len(layers)) if spec.layer is not None else 1
+        per_token += Fraction(device_bytes(local, spec.dtype), tokens) * count
+    plan.kv_bytes_per_token = math.ceil(per_token)
+    paged = getattr(ctx.options, "paged_attention", False)
+    plan.kv_pool_tokens = max(slots) if paged and slots else 0
+
+
+# ---------------------------------------------------------------- activations
+def _tensor_bytes(val) -> int:
+    if isinstance(val, torch.Tensor):
+        return bytes_for(tuple(val.shape), "bfloat16") if val.dim() else 0
+    if isinstance(val, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in val)
+    return 0
+
+
+def _live_points(gm: torch.fx.GraphModule) -> list[int]:
+    """Bytes alive at each point of the graph (activation tensors only)."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    alias = {}
+    for n in nodes:  # a view or a cache write stands for what it reads
+        if n.op == "call_function" and (n.target is operator.getitem or n.target in dialect.SIDE_EFFECTS):
+            alias[n] = alias.get(n.args[0], n.args[0])
+    last_use = {}
+    for n in nodes:
+        for src in n.all_input_nodes:
+            root = alias.get(src, src)
+            last_use[root] = max(last_use.get(root, 0), index[n])
+    size = {}
+    for n in nodes:
+        if n in alias or n.op in ("get_attr", "output"):
+            continue
+        size[n] = _tensor_bytes(n.meta.get(VAL))
+    points, live = [], 0
+    ending: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        extra = 0
+        if n in size:
+            live += size[n]
+            ending[last_use.get(n, i)] = ending.get(last_use.get(n, i), 0) + size[n]
+            if n.target is dialect.gated_mlp:
+                extra = 2 * size[n]  # the w1 and w3 matmul outputs before the multiply
+        points.append(live + extra)
+        live -= ending.pop(i, 0)
+    return points
+
+
+def _activation_envelope(gm, ctx) -> list[tuple[int, int]]:
+    """[(base, per_row)] for every program point: bytes(S) = base + per_row x S."""
+    first = _live_points(gm)
+    primary = {n: n.meta.get(VAL) for n in gm.graph.nodes}
+    ctx.propagate(gm, ctx.inputs_at(ALT_ROWS) if hasattr(ctx, "inputs_at") else None)
+    second = _live_points(gm)
+    for n in gm.graph.nodes:
+        n.meta[VAL] = primary[n]
+    rows, alt = ctx.seq_rows, ALT_ROWS
+    points = set()
+    for a, b in zip(first, second):
+        per_row = (a - b) // (rows - alt)
+        points.add((a - per_row * rows, per_row))
+    # upper envelope: drop points another one dominates at every S >= 0
+    return sorted(p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points))
+
+
+def _collectives_per_layer(gm) -> int:
+    layers = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in dialect.COLLECTIVES and n.meta.get(LAYER) is not None:
+            layers[n.meta[LAYER]] = layers.get(n.meta[LAYER], 0) + 1
+    return max(layers.values(), default=0)
+
+
+# ---------------------------------------------------------------- decisions
+def _round_context(tokens: int) -> int:
+    if tokens >= 2 * PREFILL_STEP:
+        return tokens // PREFILL_STEP * PREFILL_STEP
+    return 1 << max(int(math.log2(max(tokens, 1))), 0)
+
+
+def _largest_context(plan: MemoryPlan, chunk: int) -> int:
+    """Largest context (tokens per user, at most the model's) that fits beside a
+    `chunk`-row prefill; 0 if none does. total_bytes grows with the context."""
+    low, high = 0, plan.model_max_context
+    while low < high:
+        mid = (low + high + 1) // 2
+        if plan.fits(mid, chunk):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _chunks_up_to(limit: int) -> list[int]:
+    out, c = [], MIN_CHUNK
+    while c <= limit:
+        out.append(c)
+        c *= 2
+    return out
+
+
+def _largest_chunk(plan: MemoryPlan, context: int) -> int:
+    fitting = [c for c in _chunks_up_to(max(context, MIN_CHUNK)) if plan.fits(context, c)]
+    return fitting[-1] if fitting else 0
+
+
+def _gb(n: float) -> str:
+    value = n / GB
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
+# Weights a tensor-parallel target splits over its chips; the rest every chip holds whole.
+_SPLIT_CATEGORIES = ("attention", "mlp", "lm_head", CROSS_ATTENTION)
+
+
+def _kv_heads_per_chip(cfg, chips: int) -> int:
+    return plan_heads(cfg.n_heads, cfg.n_kv_heads, chips).local_kv if chips > 1 else cfg.n_kv_heads
+
+
+def estimate_on(plan: MemoryPlan, ctx, target) -> int:
+    """Bytes per chip the same model would need on another target at a minimal context
+    (128 tokens, 128-row chunk): this graph's split weights re-divided over that target's
+    chips (padding ignored), whole ones kept, KV scaled by the KV heads per chip
+    passes/head_plan.py would give it, activations as here (conservative)."""
+    here = ctx.target.tp_size
+    split = sum(v for k, v in plan.weights.items() if k in _SPLIT_CATEGORIES) * here
+    whole = sum(v for k, v in plan.weights.items() if k not in _SPLIT_CATEGORIES and k != "rope_tables")
+    kv = plan.kv_bytes_per_token * _kv_heads_per_chip(ctx.cfg, target.tp_size) / _kv_heads_per_chip(ctx.cfg, here)
+    context = min(plan.model_max_context, MIN_CHUNK)
+    return int(split / target.tp_size + whole + plan.rope_bytes_per_position * context
+               + kv * max(plan.kv_pool_tokens, plan.batch * context) + plan.activation_bytes(MIN_CHUNK))
+
+
+def _suggest_targets(plan: MemoryPlan, ctx) -> list[str]:
+    from compiler.targets import TARGETS
+
+    return [name for name, target in TARGETS.items()
+            if name != plan.target and estimate_on(plan, ctx, target) <= target.dram_bytes_per_chip]
+
+
+def decide(plan: MemoryPlan, ctx, requested_context: int | None, requested_chunk: int | None) -> None:
+    """Fill max_context / max_prefill_chunk / context / prefill_chunk, or refusal."""
+    name, target, dram = ctx.cfg.name, plan.target, _gb(plan.dram_bytes)
+    min_context = min(plan.model_max_context, MIN_CHUNK)
+    if not plan.fits(min_context, MIN_CHUNK):
+        need = plan.total_bytes(min_context, MIN_CHUNK)
+        pool = plan.kv_bytes_per_token * plan.kv_pool_tokens
+        if plan.kv_pool_tokens and need - pool + plan.kv_bytes_per_token * plan.batch * min_context <= plan.dram_bytes:
+            blocks = ctx.options.max_num_blocks
+            fit = blocks * (plan.dram_bytes - need + pool) // pool
+            plan.refusal = (f"{name}: the KV page pool ({blocks} blocks, {_gb(pool)} GB per chip) does not "
+                            f"fit beside the weights on {target}, which has {dram} GB per chip; "
+                            f"use --max-num-blocks {fit} or fewer")
+            return
+        others = _suggest_targets(plan, ctx)
+        hint = f"; use {' or '.join(others)}" if others else "; no target in this version holds it"
+        plan.refusal = f"{name} needs about {_gb(need)} GB per chip on {target}, which has {dram} GB per chip{hint}"
+        return
+    largest = _largest_context(plan, min(MIN_CONTEXT_CHUNK, plan.model_max_context))
+    if largest < plan.model_max_context:
+        largest = _round_context(largest) if largest >= MIN_CHUNK else _largest_context(plan, MIN_CHUNK)
+    plan.max_context = largest
+    context = plan.max_context if requested_context is None else requested_context
+    if requested_context is not None and not plan.fits(context, MIN_CHUNK):
+        plan.refusal = (f"{name} with --max-seq-len {context} (batch {plan.batch}) needs about "
+                        f"{_gb(plan.total_bytes(context, MIN_CHUNK))} GB per chip on {target}, which has "
+                        f"{dram} GB per chip; the largest context that fits is {plan.max_context}")
+        return
+    plan.context = context
+    plan.max_prefill_chunk = _largest_chunk(plan, context)
+    chunk = plan.max_prefill_chunk if requested_chunk is None else min(requested_chunk, context)
+    if not plan.fits(context, chunk):
+        plan.refusal = (f"{name}: a {chunk}-token prefill chunk beside a {context}-token context needs about "
+                        f"{_gb(plan.total_bytes(context, chunk))} GB per chip on {target}, which has {dram} GB "
+                        f"per chip; the largest chunk that fits is {plan.max_prefill_chunk}")
+        return
+    plan.prefill_chunk = chunk
+    if plan.kv_pool_tokens and plan.kv_pool_tokens < plan.batch * context:
+        plan.notes.append(f"the page pool holds {plan.kv_pool_tokens} tokens, fewer than batch x context "
+                          f"= {plan.batch * context} (KV is planned for the latter)")
+
+
+# ---------------------------------------------------------------- the pass
+def new_plan(ctx) -> MemoryPlan:
+    t = ctx.target
+    return MemoryPlan(
+        target=t.name, chips=t.num_chips, dram_bytes=t.dram_bytes_per_chip,
+        l1_bytes=t.l1_bytes_per_core * t.core_grid[0] * t.core_grid[1], batch=ctx.options.batch_size,
+        model_max_context=ctx.cfg.max_position_embeddings, dram_bandwidth_gbs=t.dram_bandwidth_gbs)
+
+
+def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    plan = new_plan(ctx)
+    _account_weights(plan, ctx)
+    _account_state(plan, ctx)
+    plan.collectives_per_layer[ctx.mode] = _collectives_per_layer(gm)
+    if ctx.decode:
+        plan.decode_activation_bytes = max(_live_points(gm), default=0)
+        plan.context = ctx.max_seq_len
+        if plan.decode_activation_bytes > plan.l1_bytes:
+            plan.refusal = (f"{ctx.cfg.name}: one decode step's activations need about "
+                            f"{plan.decode_activation_bytes / 2**20:.0f} MB per chip of L1 on {plan.target}, "
+                            f"which has {plan.l1_bytes / 2**20:.0f} MB; use a smaller --batch-size")
+    else:
+        plan.activation_points = _activation_envelope(gm, ctx)
+        explicit = ctx.options.max_seq_len is not None
+        decide(plan, ctx, ctx.max_seq_len if explicit else None, ctx.options.max_prefill_chunk)
+    ctx.facts.memory = plan
+    ctx.counters["memory_plan.bytes_per_chip"] = sum(plan.by_category().values()) if plan.context else 0
+    return gm
+
