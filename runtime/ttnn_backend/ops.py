@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 TILE = 32
 USER_SHARDED = "L1_HEIGHT_SHARDED"  # decode: one user's rows per core, in L1
 TTNN_OPS: dict = {}
@@ -130,6 +132,9 @@ def topology_of(ttnn, name: str):
     return getattr(ttnn.Topology, name.capitalize())
 
 
+FLOAT32_KWARGS = ("scale", "epsilon")
+
+
 def convert_kwargs(ttnn, kwargs: dict) -> dict:
     """Program literals -> ttnn objects, by parameter name. A memory_config stays a kind
     name here: its MemoryConfig depends on the output's shape (OpCall.output_memory)."""
@@ -147,6 +152,12 @@ def convert_kwargs(ttnn, kwargs: dict) -> dict:
             out[key] = [getattr(ttnn.UnaryOpType, a.upper()) for a in value]
         elif key == "topology" and isinstance(value, str):
             out[key] = topology_of(ttnn, value)
+        elif key in FLOAT32_KWARGS and isinstance(value, float):
+            # ttnn takes these as C++ floats. Some 0.81.1 bindings (chunked SDPA's scale)
+            # accept only Python floats exactly representable in float32 and reject any
+            # other ("incompatible function arguments"), so they get the float32 value the
+            # kernel would use anyway.
+            out[key] = float(np.float32(value))
     return out
 
 
