@@ -225,6 +225,9 @@ def paged_sdpa_decode(q, k_cache, v_cache, page_table_tensor=None, cur_pos_tenso
     return _decode_attend(q, k, v, pos, scale)
 
 
+Q_BLOCK = 256  # query rows per step: scores stay [H, 256, context], never [H, S, context]
+
+
 @impl("ttnn.transformer.chunked_scaled_dot_product_attention")
 def chunked_sdpa(q, k_cache, v_cache, page_table_tensor, chunk_start_idx, scale=None,
                  compute_kernel_config=None, program_config=None, memory_config=None):
@@ -232,9 +235,15 @@ def chunked_sdpa(q, k_cache, v_cache, page_table_tensor, chunk_start_idx, scale=
     length = chunk_start_idx + rows
     k = _gather_users(k_cache, page_table_tensor[:1], length)  # [1, Hkv, length, hd]
     v = _gather_users(v_cache, page_table_tensor[:1], length)
-    visible = torch.arange(length)[None, :] <= torch.arange(chunk_start_idx, length)[:, None]
-    mask = torch.zeros(rows, length).masked_fill(~visible, float("-inf"))
-    return _attend(q, k, v, scale, mask=mask)
+    out = []
+    for first in range(0, rows, Q_BLOCK):  # flash-style: query blocks see keys up to their end
+        last = min(first + Q_BLOCK, rows)
+        end = chunk_start_idx + last
+        query_pos = torch.arange(chunk_start_idx + first, end)
+        mask = torch.zeros(last - first, end).masked_fill(torch.arange(end)[None, :] > query_pos[:, None],
+                                                          float("-inf"))
+        out.append(_attend(q[:, :, first:last], k[:, :, :end], v[:, :, :end], scale, mask=mask))
+    return torch.cat(out, dim=2)
 
 
 @impl("ttnn.experimental.nlp_concat_heads")
