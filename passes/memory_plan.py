@@ -272,11 +272,19 @@ def _live_points(gm: torch.fx.GraphModule) -> list[int]:
     return points
 
 
+def _inputs_at(ctx, rows: int) -> dict:
+    """Example inputs of the prefill graph at another row count."""
+    if hasattr(ctx, "inputs_at"):
+        return ctx.inputs_at(rows)
+    return {k: torch.empty((1, rows) if v.dim() == 2 else (rows,), dtype=v.dtype, device="meta")
+            for k, v in ctx.example_inputs.items()}
+
+
 def _activation_envelope(gm, ctx) -> list[tuple[int, int]]:
     """[(base, per_row)] for every program point: bytes(S) = base + per_row x S."""
     first = _live_points(gm)
     primary = {n: n.meta.get(VAL) for n in gm.graph.nodes}
-    ctx.propagate(gm, ctx.inputs_at(ALT_ROWS) if hasattr(ctx, "inputs_at") else None)
+    ctx.propagate(gm, _inputs_at(ctx, ALT_ROWS))
     second = _live_points(gm)
     for n in gm.graph.nodes:
         n.meta[VAL] = primary[n]
