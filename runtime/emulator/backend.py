@@ -140,6 +140,10 @@ class EmulatorBackend:
             if name not in weights:
                 raise EmulatorError(f"weight '{name}' is missing from the converted weights")
             t = quantize_like(weights[name], spec["dtype"])
+            if name not in self.linear_weights:
+                # Norm weights, rope tables, biases, embeddings: ops read them in float32;
+                # widening once here (exactly) saves a conversion per op per step.
+                t = t.float()
             pieces = place(t, spec.get("placement"), self.mesh_shape)
             if name in self.linear_weights:
                 pieces = [matmul_operand(p, self.linear_weights[name]) for p in pieces]

@@ -131,8 +131,7 @@ def nlp_create_qkv_heads_decode(x, num_heads, num_kv_heads, memory_config=None):
 def rotary_embedding_llama(x, cos, sin, trans_mat, is_decode_mode=False, memory_config=None,
                            compute_kernel_config=None):
     xf = x.float()
-    tiles = xf.reshape(*xf.shape[:-1], -1, TILE)
-    rotated = (tiles @ trans_mat.reshape(TILE, TILE).float()).reshape(xf.shape)
+    rotated = (xf.unflatten(-1, (-1, TILE)) @ trans_mat.reshape(TILE, TILE).float()).flatten(-2)
     return xf * cos.float() + rotated * sin.float()
 
 
