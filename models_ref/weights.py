@@ -246,14 +246,58 @@ def _load_pth(path: Path) -> dict:
         raise WeightError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
 
 
+class _MappedPages:
+    """Drops a memory-mapped checkpoint tensor's pages from this process once it has been
+    copied out, so reading a 140 GB checkpoint does not leave 140 GB of file pages mapped
+    (resident) in the process: peak memory stays near one layer's tensors. Only ranges
+    inside this process's mappings of the checkpoint files are touched (from
+    /proc/self/maps; elsewhere, or off Linux, nothing is dropped): the pages are clean
+    file pages, which MADV_DONTNEED lets the kernel read back from the file if needed."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, files: list[Path]):
+        self.ranges: list[tuple[int, int]] = []
+        self._madvise = None
+        try:
+            import ctypes
+            import mmap
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self._madvise, self._page = libc.madvise, mmap.PAGESIZE
+            paths = {str(f.resolve()) for f in files}
+            for line in Path("/proc/self/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5] in paths:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    self.ranges.append((start, end))
+        except (OSError, AttributeError, ValueError):
+            self.ranges = []
+
+    def release(self, t: torch.Tensor) -> None:
+        if not self.ranges or self._madvise is None:
+            return
+        storage = t.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        start -= start % self._page
+        end += -end % self._page
+        if any(lo <= start and end <= hi for lo, hi in self.ranges):
+            self._madvise(start, end - start, self.MADV_DONTNEED)
+
+
 class MetaReader(CheckpointReader):
-    """consolidated.00.pth ... consolidated.NN.pth, memory-mapped, concatenated per tensor."""
+    """consolidated.00.pth ... consolidated.NN.pth, memory-mapped, concatenated per tensor.
+
+    No repack step and no whole-model copy: `get` copies one tensor out of the mapped
+    shards (concatenated along Meta's model-parallel dim) and drops the pages it read."""
 
     def __init__(self, model_dir: Path, cfg: ModelConfig):
         self.files = sorted(model_dir.glob("consolidated.*.pth"))
         if not self.files:
             raise WeightError(f"{model_dir}: no consolidated.*.pth weights found")
         self._shards = [_load_pth(f) for f in self.files]
+        self._pages = _MappedPages(self.files)
         for f, shard in zip(self.files, self._shards):
             if not isinstance(shard, dict):
                 raise WeightError(f"{f}: expected a state dict")
@@ -276,8 +320,14 @@ class MetaReader(CheckpointReader):
     def get(self, name: str) -> torch.Tensor:
         dim = _meta_shard_dim(name)
         if dim is None or len(self._shards) == 1:
-            return self._shards[0][name]
-        return torch.cat([s[name] for s in self._shards], dim=dim)
+            parts = [self._shards[0][name]]
+            out = parts[0].clone()
+        else:
+            parts = [s[name] for s in self._shards]
+            out = torch.cat(parts, dim=dim)
+        for part in parts:
+            self._pages.release(part)
+        return out
 
 
 def _first_line(e: Exception) -> str:
