@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="artifact folder (default build/<model>-<target>-<optimizations>)")
     p.add_argument("--optimizations", choices=OPTIMIZATIONS, default="performance")
     p.add_argument("--batch-size", type=int, default=1, help=f"users per decode batch: {BATCH_SIZES}")
-    p.add_argument("--max-seq-len", type=int, help="longest prompt + generation per user")
-    p.add_argument("--max-prefill-chunk", type=int, help="longest prefill chunk in tokens")
+    p.add_argument("--max-seq-len", type=int,
+                   help="longest prompt + generation per user (default: the model's maximum, "
+                        "capped to what fits on the target)")
+    p.add_argument("--max-prefill-chunk", type=int,
+                   help="longest prefill chunk in tokens (default: the largest that fits beside the context)")
     p.add_argument("--no-paged-attention", action="store_true",
                    help="contiguous per-user KV caches instead of a paged block pool (no chunked prefill)")
     p.add_argument("--block-size", type=int, default=32)
@@ -37,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-after-all", action="store_true")
     p.add_argument("--dump", metavar="DIR", help="write the IR after every pass and the program")
     p.add_argument("--verify", action="store_true", help="run the graph verifier after every pass")
+    p.add_argument("--full-trace", action="store_true",
+                   help="trace every decoder layer instead of stamping layers 2..N-1 from layer 1 "
+                        "(the same program; IR dumps then show every layer)")
     p.add_argument("--emit", choices=["python"], help="print the program as ttnn calls")
     p.add_argument("--report", action="store_true",
                    help="print the target's memory plan: bytes per chip by category, max context and "
@@ -70,7 +76,7 @@ def _run(args) -> int:
     model_dir = Path(args.model_dir)
     observer = Observer(verify=args.verify, print_after=set(args.print_after) | ({"all"} if args.print_after_all else set()),
                         dump_dir=Path(args.dump) if args.dump else None)
-    result = compile_model(model_dir, options, observer)
+    result = compile_model(model_dir, options, observer, full_trace=args.full_trace)
     for text in result.printed:
         print(text)
     if args.report:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 OPTIMIZATIONS = ("performance", "accuracy", "float32")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-DEFAULT_MAX_SEQ_LEN = 4096  # until the memory planner decides what fits
 
 
 @dataclass(frozen=True)
@@ -16,7 +15,7 @@ class CompileOptions:
     target: str = "N150"
     optimizations: str = "performance"
     batch_size: int = 1
-    max_seq_len: int | None = None  # None: min(model max, DEFAULT_MAX_SEQ_LEN)
+    max_seq_len: int | None = None  # None: the model's max, capped by the memory planner to what fits
     max_prefill_chunk: int | None = None
     paged_attention: bool = True
     block_size: int = 32

@@ -1,48 +1,47 @@
 """memory_plan: what each chip holds, whether it fits, and the largest context and prefill
-chunk that do.
+chunk that do. The last pass; it reads the graph and changes nothing in it.
 
 Expects: the final graph (sharded, paged, precision assigned): every WeightSpec and
 StateSpec has its device dtype and placement, node VALs are per-chip shapes.
-Guarantees: the graph is unchanged; ctx.facts.memory is a MemoryPlan computed from
-arithmetic on the graph alone (no model-name tables):
+Guarantees: ctx.facts.memory is a MemoryPlan computed from arithmetic on the graph alone
+(no model-name tables). Bytes are per chip (per-chip shapes, `runtime.blockfloat.bytes_for`:
+bfloat16 2 B a value, bfloat8_b 1088 B and bfloat4_b 576 B a 32x32 tile, the last two dims
+padded to 32):
 
-- weights per chip, by category and dtype: `runtime.blockfloat.bytes_for` of each local
-  (per-chip) shape in its device dtype (bfloat16 2 B a value, bfloat8_b 1088 B and
-  bfloat4_b 576 B a 32x32 tile, last two dims padded to 32; 1-D norm weights as the
-  ROW_MAJOR [D/32, 32] rows the lowering makes of them). A graph that holds fewer layers
-  than the model (the driver stamps the rest, lowering/stamp.py) is scaled: per-layer
-  entries count n_layers / layers-in-graph times. Llama 3.2 Vision's cross-attention
-  layers are not in the text program but their weights occupy the device: each is counted
-  as one decoder layer's projections and norms (same shapes, dtypes and sharding);
-- the KV cache per chip: bytes per token slot of every state tensor (K and V of every
-  layer, local KV heads, cache dtype) times the tokens planned, max(batch x context, the
-  page pool the program allocates);
-- rope tables: 2 x context x head_dim values (cos and sin rows per position);
-- activations (prefill graph): the largest set of tensors alive at once while the graph
-  runs with S = the chunk's rows. Every activation is an affine function of S (found by
-  propagating at two row counts); a node's output lives from its definition to its last
-  reader; views (getitem) extend their source; cache writes alias the cache; gated_mlp
-  also holds its two matmul outputs while it runs, as the lowering emits it. Weights and
-  caches are not activations. Attention is flash-style (no S x S scores in DRAM).
-  In decode, the same walk gives the live set of one step, which the reference keeps in
-  L1: it is checked against the chips' L1 (cores x L1 per core);
-- collectives per layer, and a bandwidth bound on decode tokens/s/user: every decode
-  step reads all weights except the embedding and rope tables, plus the KV cache of the
-  context, from DRAM at the target's peak bandwidth.
+- weights by category and dtype. 1-D norm weights count as the ROW_MAJOR [D/32, 32] rows
+  the lowering makes of them. A graph holding fewer layers than the model (the driver
+  stamps the rest, lowering/stamp.py) is scaled exactly: the per-layer sum x n_layers /
+  layers in the graph. Llama 3.2 Vision's cross-attention layers are not in the text
+  program but their weights occupy the device: each counts as one decoder layer's
+  projections and norms (same shapes, dtypes, sharding) plus q/k norms and gates;
+- the KV cache: bytes per token slot of all state (K and V, every layer, local KV heads,
+  cache dtype) x max(batch x context, the page pool's slots);
+- rope tables: cos and sin rows, head_dim values each, per position of the context;
+- prefill activations: the largest set of tensors alive at once while the graph runs a
+  chunk of S rows. Each activation is affine in S (the graph is propagated at two row
+  counts), so the peak is max over program points of base + per_row x S. A node's output
+  lives from its definition to its last reader; views (getitem) extend their source and
+  cache writes alias the cache; gated_mlp also holds its two matmul outputs, as lowered.
+  Weights and caches are not activations; attention is flash-style (no S x S scores);
+- decode: the live set of one step, which the reference keeps in L1, against the chips'
+  L1 (cores x L1 per core); it takes no DRAM here;
+- collectives per decoder layer, and what a decode step reads from DRAM (all weights but
+  the embedding and rope tables, plus the KV of the context) for a bandwidth bound.
 
-Decisions (prefill graph), with budget = the target's DRAM per chip:
-1. context: the given --max-seq-len, else the largest that fits with room for a
-   MIN_CONTEXT_CHUNK-token chunk, capped by the model (rounded down to a multiple of 2048,
-   the prefill padding step, or to a power of two below that);
-2. prefill chunk: the given --max-prefill-chunk, else the largest power of two up to the
-   context that fits beside it.
-If the minimal configuration (context min(model, 128) tokens, a 128-token chunk) does not
-fit, or an explicit length or chunk does not, `plan.refusal` says so in one line and what
-would fit (other targets are estimated by re-sharding the same per-layer arithmetic); the
-driver raises it as a CompileError.
+Decisions (prefill graph; DRAM budget = the target's DRAM per chip, nothing reserved):
+1. if the program does not fit at its minimum (min(model, 128) tokens of context, a
+   128-row chunk, the page pool it allocates): refuse, naming the targets that would
+   hold it (this graph's split weights re-divided over their chips, KV heads as
+   passes/head_plan.py would place them), or the --max-num-blocks that fits;
+2. context: --max-seq-len if given (refused if it does not fit beside a 128-row chunk),
+   else the largest that fits beside a MIN_CONTEXT_CHUNK-row chunk, at most the model's;
+   below the model's it is rounded down to a multiple of 2048 (the prefill padding step);
+3. prefill chunk: --max-prefill-chunk if given (refused if it does not fit), else the
+   largest power of two up to the context that fits beside it.
+A refusal is one line in plan.refusal; the driver raises it as a CompileError (exit 2).
 
-    layers.0.feed_forward.w1.weight  [2048, 8192] bfloat4_b  ==>  weights["mlp"] += 16 x 4.6 MB
-    %g = gated_mlp(%x, %w1, %w3) : 1x1xSx8192                ==>  activation(S) >= x + 3 x S x 8192 x 2 B
+    layers.0.feed_forward.w1.weight [2048, 8192] bfloat4_b  ==>  weights["mlp"] += 16 layers x 16384 tiles x 576 B
+    %g = gated_mlp(%x, %w1, %w3) : 1x1xSx8192               ==>  activation(S) >= x + 3 x S x 8192 x 2 B
 """
 from __future__ import annotations
 
