@@ -71,6 +71,40 @@ def hf_to_meta_name(name: str) -> str | None:
     return None
 
 
+# Llama 3.2 Vision (mllama) checkpoints keep the text decoder under a prefix and number
+# its cross-attention layers among the self-attention ones (HF: 40 layers, cross-attention
+# at 3, 8, ..., 38). The text program reads the self-attention layers, renumbered 0..31.
+_MLLAMA_PREFIXES = [("model.language_model.", "model."), ("language_model.model.", "model."),
+                    ("language_model.lm_head.", "lm_head.")]
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.*)")
+
+
+def hf_text_layer_map(cfg: ModelConfig) -> dict[int, int] | None:
+    """HF layer index -> self-attention layer index for configs with cross-attention layers
+    (which map to nothing); None for plain decoders."""
+    if not cfg.cross_attention_layers:
+        return None
+    cross = {i + rank for rank, i in enumerate(sorted(cfg.cross_attention_layers))}
+    hf_layers = [h for h in range(cfg.n_layers + len(cross)) if h not in cross]
+    return {h: i for i, h in enumerate(hf_layers)}
+
+
+def hf_text_decoder_name(key: str, layer_map: dict[int, int] | None) -> str | None:
+    """The canonical (Meta) name of an HF tensor of the text decoder, or None."""
+    if layer_map is not None:
+        for old, new in _MLLAMA_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        m = _HF_LAYER.fullmatch(key)
+        if m:
+            layer = layer_map.get(int(m.group(1)))
+            if layer is None:
+                return None  # a cross-attention layer: not in the text program
+            key = f"model.layers.{layer}.{m.group(2)}"
+    return hf_to_meta_name(key)
+
+
 def hf_to_meta_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF's half-split RoPE rows -> Meta's interleaved rows, per head (weights or biases).
 
@@ -176,6 +210,7 @@ class SafetensorsReader(CheckpointReader):
         if not files:
             raise WeightError(f"{model_dir}: no *.safetensors weights found")
         self.files = files
+        layer_map = hf_text_layer_map(cfg)
         self._index = index if index.exists() else None
         self._where: dict[str, tuple[Path, str]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -188,11 +223,18 @@ class SafetensorsReader(CheckpointReader):
                 raise WeightError(f"{f}: not a valid safetensors file ({_first_line(e)})") from None
             self._handles[f] = handle
             for key in keys:
-                meta = hf_to_meta_name(key)
+                meta = hf_text_decoder_name(key, layer_map)
                 if meta is None:
                     continue
                 self._where[meta] = (f, key)
                 self._shapes[meta] = tuple(handle.get_slice(key).get_shape())
+        self._extra_rows = 0
+        rows = self._shapes.get("tok_embeddings.weight", (0,))[0]
+        if layer_map is not None and rows > cfg.vocab_size:
+            # mllama's embedding has rows for image tokens after the vocabulary (8 more in
+            # Llama 3.2 Vision); the text program never looks them up.
+            self._extra_rows = rows - cfg.vocab_size
+            self._shapes["tok_embeddings.weight"] = (cfg.vocab_size,) + self._shapes["tok_embeddings.weight"][1:]
 
     def shapes(self):
         return dict(self._shapes)
@@ -208,6 +250,8 @@ class SafetensorsReader(CheckpointReader):
             t = self._handles[path].get_tensor(key)
         except Exception as e:
             raise WeightError(f"{path}: cannot read tensor '{key}' ({_first_line(e)})") from None
+        if name == "tok_embeddings.weight" and self._extra_rows:
+            t = t[: self.cfg.vocab_size]
         if name.endswith(("wq.weight", "wq.bias")):
             t = hf_to_meta_rows(t, self.cfg.n_heads)
         elif name.endswith(("wk.weight", "wk.bias")):
@@ -304,26 +348,32 @@ class MetaReader(CheckpointReader):
             bad = next((k for k, v in shard.items() if not isinstance(v, torch.Tensor)), None)
             if bad is not None:
                 raise WeightError(f"{f}: entry '{bad}' is not a tensor")
-        tied = "output.weight" not in self._shards[0]
+        # Llama 3.2 Vision's Meta checkpoints keep the text decoder under "text_model."
+        # (its cross_attention_layers.* and learnable_embedding are not in the text program).
+        self._prefix = "text_model." if any(k.startswith("text_model.") for k in self._shards[0]) else ""
+        tied = self._prefix + "output.weight" not in self._shards[0]
         self.cfg = cfg.replace(tie_word_embeddings=tied)
 
     def shapes(self):
         out = {}
-        for name, t in self._shards[0].items():
+        for key, t in self._shards[0].items():
+            if not key.startswith(self._prefix):
+                continue
+            name = key[len(self._prefix):]
             dim = _meta_shard_dim(name)
             shape = list(t.shape)
             if dim is not None and len(self._shards) > 1:
-                shape[dim] = sum(s[name].shape[dim] for s in self._shards if name in s)
+                shape[dim] = sum(s[key].shape[dim] for s in self._shards if key in s)
             out[name] = tuple(shape)
         return out
 
     def get(self, name: str) -> torch.Tensor:
-        dim = _meta_shard_dim(name)
+        dim, key = _meta_shard_dim(name), self._prefix + name
         if dim is None or len(self._shards) == 1:
-            parts = [self._shards[0][name]]
+            parts = [self._shards[0][key]]
             out = parts[0].clone()
         else:
-            parts = [s[name] for s in self._shards]
+            parts = [s[key] for s in self._shards]
             out = torch.cat(parts, dim=dim)
         for part in parts:
             self._pages.release(part)
