@@ -3,8 +3,9 @@
 TTNN_OPS maps every lowering.optable op name to the function that issues it.
 Importing this package does not import ttnn (nor torch); creating a TtnnBackend does.
 """
-from .backend import TtnnBackend, TtnnBackendError, TtnnOpError
+from .backend import TtnnBackend, TtnnBackendError, TtnnOpError, TtnnUnsupportedProgram
 from .mock import TtnnNotInstalled
 from .ops import TTNN_OPS
 
-__all__ = ["TTNN_OPS", "TtnnBackend", "TtnnBackendError", "TtnnNotInstalled", "TtnnOpError"]
+__all__ = ["TTNN_OPS", "TtnnBackend", "TtnnBackendError", "TtnnNotInstalled", "TtnnOpError",
+           "TtnnUnsupportedProgram"]

@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from lowering.optable import OPS
-from lowering.program import SEQ, Function, Op, Program, is_tensor_ref, resolve_scalar, tensor_name
+from lowering.program import (SEQ, Function, Op, Program, concrete_dim, is_tensor_ref, resolve_scalar,
+                              tensor_name)
 
 from . import mock
 from . import placement as placement_
-from .ops import (PER_USER, PRODUCES_SHARDED, TTNN_OPS, WANTS, WEIGHT_PLACEMENTS, OpCall, convert_kwargs,
-                  describe_memory, dtype_of, layout_of, pad_tile)
+from .ops import (PER_USER, PRODUCES_SHARDED, TILE_ROW, TTNN_OPS, WANTS, WEIGHT_PLACEMENTS, OpCall,
+                  convert_kwargs, describe_memory, dtype_of, layout_of, pad_tile, weight_variant)
 from .weights import read_weights
 
 TILE = 32
@@ -46,6 +47,22 @@ USER_DIM = {"tokens": -1, "positions": -1, "page_table": 0}  # per-call input so
 
 class TtnnBackendError(RuntimeError):
     pass
+
+
+class TtnnUnsupportedProgram(ValueError):
+    """A program the ttnn backend does not take (raised before ttnn is imported)."""
+
+
+def check_supported(program: Program) -> None:
+    """Refuse float32 programs: they are the emulator's exact reference, and ttnn 0.81.1
+    has no float32 path for them (checked on the mock: ttnn.embedding takes bfloat16
+    tables only, rotary_embedding_llama bfloat16 inputs only). Making them run would mean
+    typecasts to bfloat16 around those ops, i.e. no longer the float32 program."""
+    if program.options.get("optimizations") == "float32":
+        raise TtnnUnsupportedProgram(
+            "float32 is the emulator's exact reference mode; ttnn takes bfloat16 where this program keeps "
+            "float32 (ttnn.embedding needs bfloat16 tables, rotary_embedding_llama bfloat16 inputs). Run it "
+            "with backend='emulator', or compile with --optimizations performance or accuracy for ttnn.")
 
 
 class TtnnOpError(TtnnBackendError):
@@ -102,6 +119,7 @@ class TtnnBackend:
 
     def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
                  quiet: bool = False):
+        check_supported(program)
         self.program = program
         self.mode = mock.configure(program.target, quiet=quiet)
         try:
@@ -120,7 +138,7 @@ class TtnnBackend:
         self.moves: Counter = Counter()  # memory moves ops needed that the program lacks
         self.footprints: dict | None = None  # per-op L1 use, measured while validate() runs
         self.weight_source = "device" if weights_dir is None and weights is None else "host"
-        self.per_user_weights = self._per_user_weights()
+        self.weight_variants = self._weight_variants()
         self._load_weights(weights_dir, weights)
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
@@ -212,17 +230,25 @@ class TtnnBackend:
         return OpCall(self.ttnn, self.mesh, op, self.decode_users, list(out_memory))
 
     # ------------------------------------------------------------------ weights and state
-    def _per_user_weights(self) -> dict[str, str]:
-        """Weights some op needs once per decode user (the decode RoPE transformation
-        matrix): weight name -> name of the per-user copy the backend places at load."""
+    def _weight_variants(self) -> dict[tuple[str, str], str]:
+        """Weights some op wants placed otherwise than the program places them: (weight,
+        kind) -> name of the copy the backend places at load. PER_USER: once per decode
+        user (the decode RoPE transformation matrix); TILE_ROW: a wide norm gamma as one
+        TILE row. Same values either way; the ops read the copy."""
         out = {}
         for fn in self.program.functions.values():
             for op in fn.ops:
                 wanted = WEIGHT_PLACEMENTS.get(op.op, lambda _: {})(op)
                 for param, name in _refs(op):
-                    if wanted.get(param) == PER_USER and name in self.program.weights:
-                        out[name] = f"{name}@{PER_USER}"
+                    kind = wanted.get(param)
+                    if kind and name in self.program.weights and weight_variant(kind, self.program.weights[name]):
+                        out[(name, kind)] = f"{name}@{kind}"
         return out
+
+    def _variant_of(self, op: Op, param: str, name: str) -> str:
+        """The tensor `op` reads through `param`: a placed variant of weight `name`, or it."""
+        kind = WEIGHT_PLACEMENTS.get(op.op, lambda _: {})(op).get(param)
+        return self.weight_variants.get((name, kind), name) if kind else name
 
     def _per_user_memory(self, shape):
         """Height-sharded over the decode user cores, one copy of `shape`'s rows per user."""
@@ -255,14 +281,21 @@ class TtnnBackend:
                                            spec["dtype"], spec["layout"], zero=False)
         else:
             self.env[name] = self.to_device(host, spec["dtype"], spec["layout"], placement=placement)
-        if name in self.per_user_weights:
+        if (name, PER_USER) in self.weight_variants:
             shape = self.local_shape(spec["shape"], placement)
             users_shape = shape[:-2] + [shape[-2] * self.decode_users, shape[-1]]
             memory = self._per_user_memory(shape)
-            self.env[self.per_user_weights[name]] = (
+            self.env[self.weight_variants[(name, PER_USER)]] = (
                 self.allocate(users_shape, spec["dtype"], spec["layout"], memory, zero=False) if host is None else
                 self.to_device(np.tile(np.asarray(host, np.float32), [1] * (len(shape) - 2) + [self.decode_users, 1]),
                                spec["dtype"], spec["layout"], memory, placement))
+        if (name, TILE_ROW) in self.weight_variants:
+            if (placement or {}).get("dim") is not None:
+                raise TtnnBackendError(f"weight '{name}': a split norm gamma has no TILE-row placement")
+            row = [1, 1, 1, int(np.prod(spec["shape"]))]  # the row-major values in their order
+            self.env[self.weight_variants[(name, TILE_ROW)]] = (
+                self.allocate(row, spec["dtype"], "TILE", zero=False) if host is None else
+                self.to_device(np.asarray(host, np.float32).reshape(row), spec["dtype"], "TILE"))
 
     def _user_slotted_state(self) -> set[str]:
         """Non-paged caches: state that decode's cache update indexes by user (dim 0)."""
@@ -300,12 +333,15 @@ class TtnnBackend:
             if impl is None or op.op not in OPS:
                 raise TtnnBackendError(f"op {op.op} (node {op.node}) has no ttnn implementation")
             args, kwargs = [_arg(a) for a in op.args], {k: _arg(v) for k, v in op.kwargs.items()}
-            per_user = WEIGHT_PLACEMENTS.get(op.op, lambda _: {})(op)
+            variants = WEIGHT_PLACEMENTS.get(op.op, lambda _: {})(op)
             wants = WANTS.get(op.op, lambda _: {})(op)
             params = OPS[op.op].params
-            for i, a in enumerate(op.args):  # constants this op wants once per user
-                if is_tensor_ref(a) and per_user.get(params[i]) == PER_USER:
-                    args[i] = ("t", self.per_user_weights[tensor_name(a)])
+            for i, a in enumerate(op.args):  # weights this op reads as placed variants
+                if is_tensor_ref(a) and variants.get(params[i]):
+                    args[i] = ("t", self._variant_of(op, params[i], tensor_name(a)))
+            for k, v in op.kwargs.items():
+                if is_tensor_ref(v) and variants.get(k):
+                    kwargs[k] = ("t", self._variant_of(op, k, tensor_name(v)))
             for param, name in _refs(op):
                 if name not in known:
                     raise TtnnBackendError(f"{fn.name} op {index} ({op.op}, node {op.node}) reads "
@@ -332,7 +368,7 @@ class TtnnBackend:
         position_tensors = {tensor_name(v) for op in fn.ops for k, v in op.kwargs.items()
                             if k in POSITION_KWARGS and is_tensor_ref(v)}
         for spec in fn.inputs:
-            shape = [seq if d == SEQ else d for d in spec.shape]
+            shape = [concrete_dim(d, seq) for d in spec.shape]
             array = np.asarray(inputs[spec.source]).reshape(shape)
             user_dim = USER_DIM.get(spec.source)
             if seq is None and user_dim is not None and shape[user_dim] < self.decode_users:
@@ -439,10 +475,12 @@ class TtnnBackend:
         fn = self.program.functions[fn_name]
         inputs = {}
         for spec in fn.inputs:
-            shape = [rows if d == SEQ else d for d in spec.shape]
+            shape = [concrete_dim(d, rows) for d in spec.shape]
             size = int(np.prod(shape))
             if spec.source == "positions":
                 values = np.arange(size) if SEQ in spec.shape else np.full(size, rows)
+            elif spec.source == "chunk_page_table":  # the first blocks of user 0's row
+                values = np.arange(size)
             elif spec.source == "page_table":  # every user its own blocks
                 values = np.arange(size) % max(1, int(self.program.options.get("max_num_blocks") or 1))
             else:
@@ -518,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend = TtnnBackend(program, Path(weights_dir) if weights_dir else None)
         summary = backend.validate(args.prefill_rows, functions=args.functions)
-    except TtnnBackendError as e:
+    except (TtnnBackendError, TtnnUnsupportedProgram) as e:
         print(e, file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1))

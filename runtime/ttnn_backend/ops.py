@@ -28,7 +28,14 @@ TTNN_OPS: dict = {}
 WANTS: dict = {}  # op name -> fn(program op) -> {parameter name: memory kind}
 PRODUCES_SHARDED: set = set()  # ops that can write their output height-sharded directly
 PER_USER = "per_user"  # a constant placed once per decode user, height-sharded (weights only)
-WEIGHT_PLACEMENTS: dict = {}  # op name -> fn(program op) -> {parameter name: PER_USER}
+TILE_ROW = "tile_row"  # a ROW_MAJOR [.., W/32, 32] norm gamma placed as one TILE row [1, 1, 1, W]
+WEIGHT_PLACEMENTS: dict = {}  # op name -> fn(program op) -> {parameter name: PER_USER | TILE_ROW}
+# ttnn 0.81.1's interleaved rms_norm keeps a ROW_MAJOR gamma whole in a circular buffer
+# beside the row's tiles: measured on the mock (any rows; bf16 or bf8 input), 4096 wide
+# fits a core's L1 (1.43 MB), 5120 does not with fp32_dest_acc_en (1.51 MB), 8192 does not
+# at all (2.30 MB; 1.77 MB without fp32 accumulation). With a TILE gamma it streams the
+# row in blocks ("large tensor" kernels) and fits at any width (8192: 446 KB per core).
+ROW_MAJOR_GAMMA_MAX_WIDTH = 4096
 
 
 def ttnn_op(name: str, wants=None, produces_sharded: bool = False, weights=None):
@@ -135,6 +142,14 @@ def topology_of(ttnn, name: str):
 FLOAT32_KWARGS = ("scale", "epsilon")
 
 
+def weight_variant(kind: str, spec: dict) -> bool:
+    """Whether the weight of program spec `spec`, read through a parameter that wants
+    `kind`, gets its own placement (else the op reads the program's weight as it is)."""
+    if kind == TILE_ROW:  # only gammas too wide for the row-major kernels
+        return spec["layout"] == "ROW_MAJOR" and int(np.prod(spec["shape"])) > ROW_MAJOR_GAMMA_MAX_WIDTH
+    return kind == PER_USER
+
+
 def convert_kwargs(ttnn, kwargs: dict) -> dict:
     """Program literals -> ttnn objects, by parameter name. A memory_config stays a kind
     name here: its MemoryConfig depends on the output's shape (OpCall.output_memory)."""
@@ -205,8 +220,10 @@ def typecast(c: OpCall, input_tensor, dtype, **kw):
 
 
 # ------------------------------------------------------------------ math
-@ttnn_op("ttnn.rms_norm")
+@ttnn_op("ttnn.rms_norm", weights=lambda op: {"weight": TILE_ROW})
 def rms_norm(c: OpCall, input_tensor, **kw):
+    # A wide gamma arrives as one TILE row (TILE_ROW, placed at load): same values, and the
+    # norm then fits L1 at full model width (see ROW_MAJOR_GAMMA_MAX_WIDTH).
     return c.ttnn.rms_norm(input_tensor, **_memory_kw(c, kw, input_tensor.shape))
 
 

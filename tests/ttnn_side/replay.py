@@ -1,13 +1,22 @@
-"""Replay a compiled artifact through real ttnn once (prefill, then decode) and print JSON.
+"""Replay compiled artifacts through real ttnn once each (prefill, then decode); print JSON.
 
 Runs in .venv-ttnn (ttnn, numpy, no torch); tests/test_ttnn_backend.py calls it:
 
-    .venv-ttnn/bin/python tests/ttnn_side/replay.py OUT [--no-weights] [--prefill-rows N]
+    .venv-ttnn/bin/python tests/ttnn_side/replay.py OUT [OUT ...] [--no-weights] [--prefill-rows N]
 
-Prints {"summary": TtnnBackend.validate()'s summary, "program_ops": {function: n},
-"torch_imported": bool} and exits 0; when ttnn rejects an op prints {"error": {function,
-index, op, node, layer, ttnn_message, report}} and exits 3; any other backend error
-(weights or state that do not fit the device, ...) prints {"error": {"report"}}, exit 4.
+Artifacts compiled with --no-weights (and all of them with --no-weights) are replayed with
+their weights allocated on the device (TtnnBackend.from_program); the others are loaded as
+the runtime loads them (runtime.load(OUT, backend="ttnn")). Several artifacts share one
+process (ttnn builds its mock cluster once per process: give programs of one target, or
+smaller ones after the largest), each on its own mesh, opened and closed in turn.
+
+Prints one line per artifact: {"artifact", "summary": TtnnBackend.validate()'s summary,
+"program_ops": {function: n}, "torch_imported": bool}; or, when ttnn rejects an op,
+{"artifact", "error": {function, index, op, node, layer, ttnn_message, report}}; or, for any
+other backend error (weights or state that do not fit the device, ...), {"artifact",
+"error": {"report"}}; for a program the backend refuses (float32), {"artifact", "error":
+{"refused": true, "report"}}. Exits 0 when every artifact replayed, else 3 when ttnn
+rejected an op of some artifact, else 4 (backend error) or 5 (refused).
 """
 from __future__ import annotations
 
@@ -20,36 +29,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import runtime  # noqa: E402
 from lowering.program import Program  # noqa: E402
-from runtime.ttnn_backend import TtnnBackend, TtnnBackendError, TtnnOpError  # noqa: E402
+from runtime.ttnn_backend import (TtnnBackend, TtnnBackendError, TtnnOpError,  # noqa: E402
+                                  TtnnUnsupportedProgram)
+
+
+def replay_one(out: Path, no_weights: bool, prefill_rows: int) -> tuple[int, dict]:
+    program = Program.loads((out / "program.json").read_text())
+    backend = None
+    try:
+        if no_weights or program.options.get("no_weights"):
+            backend = TtnnBackend.from_program(program)
+        else:
+            backend = runtime.load(out, backend="ttnn").backend
+        summary = backend.validate(prefill_rows)
+    except TtnnOpError as e:
+        return 3, {"error": {"function": e.function, "index": e.index, "op": e.op.op, "node": e.node,
+                             "layer": e.layer, "ttnn_message": e.ttnn_message, "report": str(e)}}
+    except TtnnBackendError as e:  # weights or state that do not fit, and the like
+        return 4, {"error": {"function": None, "op": None, "report": str(e)}}
+    except TtnnUnsupportedProgram as e:  # refused before ttnn saw it (float32 programs)
+        return 5, {"error": {"function": None, "op": None, "refused": True, "report": str(e)}}
+    finally:
+        if backend is not None:
+            backend.close()  # the next artifact opens its own mesh
+    return 0, {"summary": summary, "program_ops": {name: len(fn.ops) for name, fn in program.functions.items()},
+               "torch_imported": "torch" in sys.modules}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("artifact")
+    parser.add_argument("artifacts", nargs="+")
     parser.add_argument("--no-weights", action="store_true",
-                        help="TtnnBackend.from_program: weights allocated on the device")
+                        help="TtnnBackend.from_program for every artifact: weights allocated on the device")
     parser.add_argument("--prefill-rows", type=int, default=128)
     args = parser.parse_args()
-    out = Path(args.artifact)
-    program = Program.loads((out / "program.json").read_text())
-    try:
-        if args.no_weights:
-            backend = TtnnBackend.from_program(program)
-        else:
-            backend = runtime.load(out, backend="ttnn").backend
-        summary = backend.validate(args.prefill_rows)
-    except TtnnOpError as e:
-        print(json.dumps({"error": {"function": e.function, "index": e.index, "op": e.op.op,
-                                    "node": e.node, "layer": e.layer, "ttnn_message": e.ttnn_message,
-                                    "report": str(e)}}))
-        return 3
-    except TtnnBackendError as e:  # weights or state that do not fit, and the like
-        print(json.dumps({"error": {"function": None, "op": None, "report": str(e)}}))
-        return 4
-    print(json.dumps({"summary": summary,
-                      "program_ops": {name: len(fn.ops) for name, fn in program.functions.items()},
-                      "torch_imported": "torch" in sys.modules}))
-    return 0
+    statuses = []
+    for artifact in args.artifacts:
+        status, result = replay_one(Path(artifact), args.no_weights, args.prefill_rows)
+        statuses.append(status)
+        print(json.dumps({"artifact": artifact, **result}), flush=True)
+    return 0 if not any(statuses) else 3 if 3 in statuses else 4 if 4 in statuses else 5
 
 
 if __name__ == "__main__":
