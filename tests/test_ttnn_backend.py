@@ -213,6 +213,22 @@ def test_seed_configs_two_layers_replay_at_full_width(ttnn_python, seed_two_laye
         assert summary["memory_moves"] == [], (name, summary["memory_moves"])
 
 
+@pytest.mark.parametrize("target", ["N150", "TG"])
+def test_later_prefill_chunks_replay(ttnn_python, tiny_model, seed_two_layer_dirs, compile_artifact, target):
+    """The runtime prefills long prompts chunk by chunk: a chunk from position 128 (its own
+    blocks of the user's page-table row, attention to everything before it) replays too,
+    for a tiny model and a full-width 70B layer pair."""
+    artifacts = {
+        "tiny-llama": compile_artifact(tiny_model("tiny-llama", "llama"), max_seq_len=256, target=target),
+        "llama3.1-70b": compile_artifact(seed_two_layer_dirs["llama3.1-70b"], no_weights=True, target=target,
+                                         max_seq_len=SEED_MAX_SEQ_LEN),
+    }
+    results, stderr = replay_all(ttnn_python, artifacts, "--chunk-start", "128")
+    assert not failures(results), failures(results)
+    for result in results.values():
+        assert check_replayed(result, stderr, target)["chunk_start"] == 128
+
+
 def test_default_seed_program_page_table_fits_the_pool(ttnn_python, seed_two_layer_dirs, compile_artifact):
     """A seed config compiled with the defaults (the longest context that fits): ttnn's paged
     ops require a user's page-table row to be no longer than the pool (`max_num_blocks_per_seq

@@ -469,48 +469,58 @@ class TtnnBackend:
                 "node": step.op.node, "layer": step.op.layer}
 
     # ------------------------------------------------------------------ validation
-    def validation_inputs(self, fn_name: str, rows: int = VALIDATE_PREFILL_ROWS) -> tuple[dict, dict]:
-        """Host inputs for one replay: prefill of `rows` rows for user 0; decode of the
-        program's batch (every user at position `rows`, right after such a prefill)."""
+    def validation_inputs(self, fn_name: str, rows: int = VALIDATE_PREFILL_ROWS, chunk_start: int = 0
+                          ) -> tuple[dict, dict]:
+        """Host inputs for one replay: prefill of `rows` rows for user 0 from position
+        `chunk_start` (a later chunk of a chunked prefill, paged programs only); decode of
+        the program's batch (every user at position chunk_start + rows, right after)."""
         fn = self.program.functions[fn_name]
+        if chunk_start:
+            block = int(self.program.options.get("block_size") or 0)
+            if not self.program.options.get("paged_attention") or chunk_start % block:
+                raise ValueError(f"chunk_start {chunk_start}: only paged programs prefill in chunks, "
+                                 f"from multiples of the block size ({block or '-'})")
         inputs = {}
         for spec in fn.inputs:
             shape = [concrete_dim(d, rows) for d in spec.shape]
             size = int(np.prod(shape))
             if spec.source == "positions":
-                values = np.arange(size) if SEQ in spec.shape else np.full(size, rows)
-            elif spec.source == "chunk_page_table":  # the first blocks of user 0's row
-                values = np.arange(size)
+                values = chunk_start + np.arange(size) if SEQ in spec.shape else np.full(size, chunk_start + rows)
+            elif spec.source == "chunk_page_table":  # the blocks of user 0's row this chunk writes
+                values = chunk_start // int(self.program.options["block_size"]) + np.arange(size)
             elif spec.source == "page_table":  # every user its own blocks
                 values = np.arange(size) % max(1, int(self.program.options.get("max_num_blocks") or 1))
             else:
                 values = np.ones(size)
             inputs[spec.source] = values.astype(np.int64).reshape(1, -1)
         scalars = {name: 0 for name in fn.scalars}
+        if "chunk_start" in scalars:
+            scalars["chunk_start"] = chunk_start
         if "last_tile_start" in scalars:
             scalars["last_tile_start"] = rows - TILE
         return inputs, scalars
 
     def validate(self, prefill_rows: int = VALIDATE_PREFILL_ROWS, footprints: bool = True,
-                 functions: tuple[str, ...] | None = None) -> dict:
+                 functions: tuple[str, ...] | None = None, chunk_start: int = 0) -> dict:
         """Replay every function once (prefill, then decode) and return a summary: ops issued
         per function (always all of them), target, mock or real device, the memory moves
         ops needed that the program does not contain, DRAM in use per chip (weights and
         state), and with `footprints` the largest per-core L1 use per op kind (flagging any
-        over the core's L1). `functions` limits the replay (all by default). Raises
+        over the core's L1). `functions` limits the replay (all by default); `chunk_start`
+        makes the prefill a later chunk of a chunked prefill (paged programs). Raises
         TtnnOpError at the first op ttnn rejects."""
         summary = {"target": self.program.target, "mesh_shape": list(self.program.mesh_shape),
                    "device": "mock" if self.mode.mock else "real",
                    "cluster_descriptor": self.mode.cluster_descriptor,
                    "weights": self.weight_source, "decode_users_per_chip": self.decode_users,
-                   "functions": {}}
+                   "chunk_start": chunk_start, "functions": {}}
         order = sorted(functions or self.program.functions, key=lambda n: (n != "prefill", n))
         moves_before = Counter(self.moves)
         self.footprints = {} if footprints else None
         self.reset()
         for name in order:
             fn = self.program.functions[name]
-            inputs, scalars = self.validation_inputs(name, prefill_rows)
+            inputs, scalars = self.validation_inputs(name, prefill_rows, chunk_start)
             before = self.ops_executed[name]
             start = time.perf_counter()
             self.run(name, inputs, scalars)
@@ -550,12 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-weights", action="store_true", help="allocate weights on the device")
     parser.add_argument("--prefill-rows", type=int, default=VALIDATE_PREFILL_ROWS)
     parser.add_argument("--functions", nargs="+", help="replay only these (default: all)")
+    parser.add_argument("--chunk-start", type=int, default=0,
+                        help="prefill as a later chunk, from this position (paged programs)")
     args = parser.parse_args(argv)
     program, manifest = read_artifact(args.artifact)
     weights_dir = None if args.no_weights else manifest.get("weights")
     try:
         backend = TtnnBackend(program, Path(weights_dir) if weights_dir else None)
-        summary = backend.validate(args.prefill_rows, functions=args.functions)
+        summary = backend.validate(args.prefill_rows, functions=args.functions, chunk_start=args.chunk_start)
     except (TtnnBackendError, TtnnUnsupportedProgram) as e:
         print(e, file=sys.stderr)
         return 1

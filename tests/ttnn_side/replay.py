@@ -3,6 +3,7 @@
 Runs in .venv-ttnn (ttnn, numpy, no torch); tests/test_ttnn_backend.py calls it:
 
     .venv-ttnn/bin/python tests/ttnn_side/replay.py OUT [OUT ...] [--no-weights] [--prefill-rows N]
+                                                    [--chunk-start P]
 
 Artifacts compiled with --no-weights (and all of them with --no-weights) are replayed with
 their weights allocated on the device (TtnnBackend.from_program); the others are loaded as
@@ -33,7 +34,7 @@ from runtime.ttnn_backend import (TtnnBackend, TtnnBackendError, TtnnOpError,  #
                                   TtnnUnsupportedProgram)
 
 
-def replay_one(out: Path, no_weights: bool, prefill_rows: int) -> tuple[int, dict]:
+def replay_one(out: Path, no_weights: bool, prefill_rows: int, chunk_start: int = 0) -> tuple[int, dict]:
     program = Program.loads((out / "program.json").read_text())
     backend = None
     try:
@@ -41,7 +42,7 @@ def replay_one(out: Path, no_weights: bool, prefill_rows: int) -> tuple[int, dic
             backend = TtnnBackend.from_program(program)
         else:
             backend = runtime.load(out, backend="ttnn").backend
-        summary = backend.validate(prefill_rows)
+        summary = backend.validate(prefill_rows, chunk_start=chunk_start)
     except TtnnOpError as e:
         return 3, {"error": {"function": e.function, "index": e.index, "op": e.op.op, "node": e.node,
                              "layer": e.layer, "ttnn_message": e.ttnn_message, "report": str(e)}}
@@ -62,10 +63,12 @@ def main() -> int:
     parser.add_argument("--no-weights", action="store_true",
                         help="TtnnBackend.from_program for every artifact: weights allocated on the device")
     parser.add_argument("--prefill-rows", type=int, default=128)
+    parser.add_argument("--chunk-start", type=int, default=0,
+                        help="prefill as a later chunk of a chunked prefill, from this position")
     args = parser.parse_args()
     statuses = []
     for artifact in args.artifacts:
-        status, result = replay_one(Path(artifact), args.no_weights, args.prefill_rows)
+        status, result = replay_one(Path(artifact), args.no_weights, args.prefill_rows, args.chunk_start)
         statuses.append(status)
         print(json.dumps({"artifact": artifact, **result}), flush=True)
     return 0 if not any(statuses) else 3 if 3 in statuses else 4 if 4 in statuses else 5
