@@ -5,6 +5,12 @@ The programs are compiled here (this environment has torch); the replay runs in
 the backend opens the mock cluster of the program's target, where ttnn runs its own
 argument, shape, memory-config and allocator checks on every op. These tests skip only
 when .venv-ttnn cannot be created at all (scripts/setup_ttnn.sh, which CI runs first).
+
+Covered on every target (N150, N300, T3K, TG): SmolLM2 (weight-free), a tiny Llama and a
+tiny Qwen2 (with weights), paged (the default) and contiguous (--no-paged-attention), and
+two decoder layers of each seed model config at full width (weight-free); each replay
+issues every op of prefill and decode (ops issued == ops in the program) with zero ttnn
+errors. Programs of one target share one replay process (one mesh each, in turn).
 """
 from __future__ import annotations
 

@@ -15,6 +15,10 @@ constants per user. Two mechanisms keep that visible and cheap:
 - `OpCall.receive(tensor, kind)`: inside an op, the tensor in the memory it needs. When it
   is not there already, the move is made and recorded: validate() lists every such move,
   as they are steps the program itself should contain.
+- `WEIGHT_PLACEMENTS[op](op) -> {parameter: PER_USER | TILE_ROW}`: weights an op reads as
+  the backend places them at load, not as the program does (same values): PER_USER, once
+  per decode user (the decode RoPE matrix); TILE_ROW, a norm gamma too wide for ttnn's
+  row-major gamma kernels as one TILE row (`weight_variant` says which weights qualify).
 """
 from __future__ import annotations
 
