@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-paged-attention", action="store_true",
                    help="contiguous per-user KV caches instead of a paged block pool (no chunked prefill)")
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--max-num-blocks", type=int, default=1024)
+    p.add_argument("--max-num-blocks", type=int, help="KV page pool size in blocks (default 1024, "
+                   "or one more than a full-length user's page table if that is larger)")
     p.add_argument("--no-weights", action="store_true", help="compile from the config alone")
     p.add_argument("--cache", help="converted-weight cache root (default $TT_CACHE_PATH or ~/.cache/ttcompile)")
     p.add_argument("--print-after", action="append", default=[], metavar="PASS")

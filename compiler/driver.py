@@ -112,7 +112,9 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
         target=target.name, mesh_shape=list(target.mesh_shape), model=cfg.to_json(),
         options={**options.to_json(), "max_seq_len": max_seq_len,
                  # The chunk the runtime prefills in: the option, else the memory planner's.
-                 "prefill_chunk": plan.prefill_chunk},
+                 "prefill_chunk": plan.prefill_chunk,
+                 # The page pool paged_kv sized (the option, or enough for a full-length user).
+                 "max_num_blocks": counters.get("decode.paged_kv.pool_blocks", options.max_num_blocks)},
         weights=weights,
         state=state, functions=functions, memory_plan=plan.to_json())
     return CompileResult(program, cfg, target, reader, observer.printed, counters, plan)

@@ -19,7 +19,7 @@ class CompileOptions:
     max_prefill_chunk: int | None = None
     paged_attention: bool = True
     block_size: int = 32
-    max_num_blocks: int = 1024
+    max_num_blocks: int | None = None  # None: 1024, or more when one user's table needs it
     no_weights: bool = False
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "ttcompile")
     pad_mlp_cores: int | None = None
@@ -37,7 +37,7 @@ class CompileOptions:
             raise ValueError(f"max-seq-len {self.max_seq_len} is too small (at least 128)")
         if self.block_size < 32 or self.block_size % 32:
             raise ValueError(f"block size {self.block_size} must be a positive multiple of 32 (the tile height)")
-        if self.max_num_blocks < 1:
+        if self.max_num_blocks is not None and self.max_num_blocks < 1:
             raise ValueError(f"max-num-blocks {self.max_num_blocks} must be at least 1")
         if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
             raise ValueError(f"max-prefill-chunk {self.max_prefill_chunk} must be a positive number of tokens")

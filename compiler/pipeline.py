@@ -50,6 +50,8 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx, observer: Observer | None = None
         try:
             gm = pass_module.run(gm, ctx)
             ctx.propagate(gm)
+        except ValueError:
+            raise  # the user's model or options: reported as given (the CLI exits 2)
         except Exception as e:
             raise RuntimeError(f"pass '{pass_module.NAME}' failed on the {ctx.mode} graph: {e}") from e
         observer.after(index, pass_module.NAME, gm, ctx)

@@ -36,13 +36,31 @@ def add_placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
         return gm.graph.placeholder(name)
 
 
+DEFAULT_POOL_BLOCKS = 1024  # the seed's PagedAttentionConfig default
+
+
+def pool_blocks(requested: int | None, per_user: int, max_seq_len: int, block_size: int) -> int:
+    """The pool must hold more blocks than one page-table row (ttnn's paged ops require
+    max_num_blocks_per_seq < max_num_blocks); by default it grows to allow that."""
+    if requested is None:
+        return max(DEFAULT_POOL_BLOCKS, per_user + 1)
+    if requested <= per_user:
+        raise ValueError(
+            f"--max-num-blocks {requested} cannot hold one user: max-seq-len {max_seq_len} needs "
+            f"{per_user} blocks of {block_size} tokens and ttnn needs a larger pool than a page-table "
+            f"row; use --max-num-blocks {per_user + 1} or more, or a smaller --max-seq-len")
+    return requested
+
+
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     if not ctx.options.paged_attention:
         return gm
-    bs, blocks = ctx.options.block_size, ctx.options.max_num_blocks
+    bs = ctx.options.block_size
     if ctx.max_seq_len % bs:
         raise ValueError(f"max-seq-len {ctx.max_seq_len} is not a multiple of --block-size {bs}")
     per_user = ctx.max_seq_len // bs
+    blocks = pool_blocks(ctx.options.max_num_blocks, per_user, ctx.max_seq_len, bs)
+    ctx.counters["paged_kv.pool_blocks"] = blocks
     for spec in ctx.facts.state.values():
         _, kv_heads, _, head_dim = spec.shape
         spec.shape = (blocks, kv_heads, bs, head_dim)

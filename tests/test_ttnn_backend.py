@@ -237,18 +237,13 @@ def test_later_prefill_chunks_replay(ttnn_python, tiny_model, seed_two_layer_dir
 
 def test_default_seed_program_page_table_fits_the_pool(ttnn_python, seed_two_layer_dirs, compile_artifact):
     """A seed config compiled with the defaults (the longest context that fits): ttnn's paged
-    ops require a user's page-table row to be no longer than the pool (`max_num_blocks_per_seq
-    must be less than max_num_blocks`). Until the compiler sizes the pool for max_seq_len
-    (or caps max_seq_len by it), that is a known compiler bug: xfail, with ttnn's message."""
+    ops require a user's page-table row to be shorter than the pool (`max_num_blocks_per_seq
+    must be less than max_num_blocks`); passes/paged_kv.py sizes the pool for that."""
     out = compile_artifact(seed_two_layer_dirs["llama3.2-1b"], no_weights=True)
     program = Program.loads((out / "program.json").read_text())
     per_user = program.options["max_seq_len"] // program.options["block_size"]
+    assert per_user < program.options["max_num_blocks"]
     status, result, stderr = replay(ttnn_python, out)
-    if per_user > program.options["max_num_blocks"]:
-        assert status == 3 and result["error"]["op"] == "ttnn.experimental.paged_update_cache", result
-        assert "max_num_blocks_per_seq must be less than max_num_blocks" in result["error"]["ttnn_message"]
-        pytest.xfail(f"compiler: page table of {per_user} blocks per user (max_seq_len "
-                     f"{program.options['max_seq_len']}) > pool of {program.options['max_num_blocks']} blocks")
     assert status == 0, result.get("error", {}).get("report", stderr[-3000:])
     check_replayed(result, stderr, "N150")
 
