@@ -25,7 +25,7 @@ def format_report(plan: MemoryPlan, model: str, optimizations: str) -> str:
     notes = {
         "rope_tables": f"cos + sin rows for {plan.context} positions",
         "kv_cache": f"{plan.kv_tokens(plan.context)} tokens x {plan.kv_bytes_per_token} B"
-                    + (f" (page pool {plan.kv_pool_tokens} tokens)" if plan.kv_pool_tokens else ""),
+                    + (f" (page pool {plan.pool_tokens(plan.context)} tokens)" if plan.pool_tokens(plan.context) else ""),
         "activations": f"largest live set of a {plan.prefill_chunk}-row prefill chunk (estimate)",
     }
     for category, size in cats.items():

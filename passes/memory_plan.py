@@ -108,7 +108,11 @@ class MemoryPlan:
     weights: dict[str, int] = field(default_factory=dict)  # category -> bytes per chip
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
     kv_bytes_per_token: int = 0  # per chip, all layers, K and V
-    kv_pool_tokens: int = 0  # token slots the program's page pool holds (0: not paged)
+    kv_pool_tokens: int = 0  # token slots of a page pool of a given size (--max-num-blocks)
+    # A pool paged_kv sizes itself (no --max-num-blocks): max(default blocks, one user's
+    # page-table row + 1) blocks of kv_block_size tokens, so it follows the context.
+    kv_pool_default_blocks: int = 0
+    kv_block_size: int = 0
     rope_bytes_per_position: int = 0
     activation_base: int = 0  # prefill peak = max over program points of base + per_row x S
     activation_points: list = field(default_factory=list)  # [(base, per_row)] upper envelope
@@ -126,8 +130,16 @@ class MemoryPlan:
     def activation_bytes(self, rows: int) -> int:
         return max((b + r * rows for b, r in self.activation_points), default=0)
 
+    def pool_tokens(self, context: int) -> int:
+        """Token slots of the page pool the program allocates for this context (0: none)."""
+        if self.kv_pool_default_blocks:
+            blocks = max(self.kv_pool_default_blocks, -(-context // self.kv_block_size) + 1)
+            return blocks * self.kv_block_size
+        return self.kv_pool_tokens
+
     def kv_tokens(self, context: int) -> int:
-        return max(self.kv_pool_tokens, self.batch * context)
+        """KV token slots planned: the requested batch at full context, or the pool if larger."""
+        return max(self.pool_tokens(context), self.batch * context)
 
     def fixed_bytes(self) -> int:
         return sum(v for k, v in self.weights.items() if k != "rope_tables")
@@ -226,8 +238,14 @@ def _account_state(plan: MemoryPlan, ctx) -> None:
         count = Fraction(ctx.cfg.n_layers, len(layers)) if spec.layer is not None else 1
         per_token += Fraction(device_bytes(local, spec.dtype), tokens) * count
     plan.kv_bytes_per_token = math.ceil(per_token)
-    paged = getattr(ctx.options, "paged_attention", False)
-    plan.kv_pool_tokens = max(slots) if paged and slots else 0
+    if not (getattr(ctx.options, "paged_attention", False) and slots):
+        return
+    if getattr(ctx.options, "max_num_blocks", None) is None:  # paged_kv sized the pool for the context
+        from . import paged_kv
+        plan.kv_pool_default_blocks = getattr(paged_kv, "DEFAULT_POOL_BLOCKS", 1024)
+        plan.kv_block_size = ctx.options.block_size
+    else:
+        plan.kv_pool_tokens = max(slots)
 
 
 # ---------------------------------------------------------------- activations
@@ -361,7 +379,7 @@ def estimate_on(plan: MemoryPlan, ctx, target) -> int:
     kv = plan.kv_bytes_per_token * _kv_heads_per_chip(ctx.cfg, target.tp_size) / _kv_heads_per_chip(ctx.cfg, here)
     context = min(plan.model_max_context, MIN_CHUNK)
     return int(split / target.tp_size + whole + plan.rope_bytes_per_position * context
-               + kv * max(plan.kv_pool_tokens, plan.batch * context) + plan.activation_bytes(MIN_CHUNK))
+               + kv * plan.kv_tokens(context) + plan.activation_bytes(MIN_CHUNK))
 
 
 def _suggest_targets(plan: MemoryPlan, ctx) -> list[str]:
@@ -408,8 +426,8 @@ def decide(plan: MemoryPlan, ctx, requested_context: int | None, requested_chunk
                         f"per chip; the largest chunk that fits is {plan.max_prefill_chunk}")
         return
     plan.prefill_chunk = chunk
-    if plan.kv_pool_tokens and plan.kv_pool_tokens < plan.batch * context:
-        plan.notes.append(f"the page pool holds {plan.kv_pool_tokens} tokens, fewer than batch x context "
+    if plan.pool_tokens(context) and plan.pool_tokens(context) < plan.batch * context:
+        plan.notes.append(f"the page pool holds {plan.pool_tokens(context)} tokens, fewer than batch x context "
                           f"= {plan.batch * context} (KV is planned for the latter)")
 
 
