@@ -45,7 +45,10 @@ def _english_text() -> str:
 @pytest.fixture(scope="module")
 def smollm2_artifact(smollm2_dir, compile_artifact):
     def get(mode, target="N150"):
-        return compile_artifact(smollm2_dir, optimizations=mode, max_seq_len=MAX_SEQ_LEN, target=target)
+        # A small page pool (64 blocks = 2048 tokens, 4x one user): the emulator holds a pool
+        # per chip, and 1024 blocks x 60 caches x 32 chips would be 8 GB on TG.
+        return compile_artifact(smollm2_dir, optimizations=mode, max_seq_len=MAX_SEQ_LEN, target=target,
+                                max_num_blocks=64)
     return get
 
 

@@ -31,7 +31,8 @@ def test_prompt_file_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol_program(smollm2_dir, compile_artifact):
-    return compile_artifact(smollm2_dir, optimizations="accuracy", batch_size=4, max_seq_len=1024)
+    return compile_artifact(smollm2_dir, optimizations="accuracy", batch_size=4, max_seq_len=1024,
+                            max_num_blocks=160)
 
 
 def test_batch_preset_with_overrides(smol_program, tmp_path, capsys):
