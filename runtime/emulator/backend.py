@@ -28,6 +28,17 @@ class EmulatorError(RuntimeError):
 
 
 @dataclass
+class _Bound:
+    """A step's arguments split once into literals and the slots looked up per call."""
+    args: tuple
+    tensor_args: tuple
+    scalar_args: tuple
+    kwargs: dict
+    tensor_kwargs: tuple
+    scalar_kwargs: tuple
+
+
+@dataclass
 class _Step:
     op: object
     impl: object
@@ -36,6 +47,19 @@ class _Step:
     kwargs: dict
     out: list[str]
     out_dtypes: list[str]
+
+    @property
+    def bound(self) -> _Bound:
+        if "_bound" not in self.__dict__:
+            args, kw = self.args, self.kwargs
+            self.__dict__["_bound"] = _Bound(
+                tuple(v if k == "v" else None for k, v in args),
+                tuple((i, v) for i, (k, v) in enumerate(args) if k == "t"),
+                tuple((i, v) for i, (k, v) in enumerate(args) if k == "s"),
+                {n: v for n, (k, v) in kw.items() if k == "v"},
+                tuple((n, v) for n, (k, v) in kw.items() if k == "t"),
+                tuple((n, v) for n, (k, v) in kw.items() if k == "s"))
+        return self.__dict__["_bound"]
 
 
 def _arg(value, tensors):
@@ -205,12 +229,22 @@ class EmulatorBackend:
 
     @staticmethod
     def _run_one_chip(steps, env, scalars) -> None:
-        """The single-chip loop, kept lean: decode runs it ~500 times per token."""
+        """The single-chip loop, kept lean: decode runs it ~500 times per token. Literal
+        arguments are bound once (_Step.bound); only tensors and host scalars are looked up."""
         for step in steps:
-            args = [env[v][0] if k == "t" else (resolve_scalar(v, scalars) if k == "s" else v)
-                    for k, v in step.args]
-            kwargs = {name: env[v][0] if k == "t" else (resolve_scalar(v, scalars) if k == "s" else v)
-                      for name, (k, v) in step.kwargs.items()}
+            bound = step.bound
+            args = list(bound.args)
+            for i, name in bound.tensor_args:
+                args[i] = env[name][0]
+            for i, template in bound.scalar_args:
+                args[i] = resolve_scalar(template, scalars)
+            kwargs = bound.kwargs
+            if bound.tensor_kwargs or bound.scalar_kwargs:
+                kwargs = dict(kwargs)
+                for key, name in bound.tensor_kwargs:
+                    kwargs[key] = env[name][0]
+                for key, template in bound.scalar_kwargs:
+                    kwargs[key] = resolve_scalar(template, scalars)
             result = step.impl(*args, **kwargs)
             if not step.out:
                 continue

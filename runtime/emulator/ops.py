@@ -29,8 +29,14 @@ def impl(name):
 def quantize_like(values: torch.Tensor, dtype: str) -> torch.Tensor:
     """Round `values` to a device dtype; block floats are held in bfloat16 (exactly)."""
     if dtype in blockfloat.FORMATS:
+        if values.numel() <= SMALL:  # a KV row per step: numpy's fixed cost is lower
+            q = blockfloat.quantize(values.detach().float().numpy(), dtype)
+            return torch.from_numpy(q).to(torch.bfloat16)
         return quantize_blockfloat(values, dtype).to(torch.bfloat16)
     return values.to(TORCH_DTYPES[dtype])
+
+
+SMALL = 4096  # elements: below this the numpy quantiser (same bits) is faster than torch's
 
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "bfloat8_b": torch.bfloat16,
@@ -85,7 +91,11 @@ def linear(a, b_t, bias=None, dtype=None, memory_config=None, compute_kernel_con
     # The device accumulates in fp32 and rounds once to the output dtype: a float32 output
     # is computed in float32, a bfloat16 one with bfloat16 operands (fp32 accumulation).
     compute = torch.float32 if dtype == "float32" else b_t.dtype
-    out = F.linear(a.to(compute), b_t.to(compute), None if bias is None else bias.reshape(-1).to(compute))
+    if a.dtype != compute:
+        a = a.to(compute)
+    if b_t.dtype != compute:
+        b_t = b_t.to(compute)
+    out = F.linear(a, b_t, None if bias is None else bias.reshape(-1).to(compute))
     return out if dtype in (None, "float32") or compute == torch.bfloat16 else out.to(torch.bfloat16)
 
 
@@ -150,7 +160,13 @@ def paged_update_cache(cache, x, update_idxs_tensor=None, page_table=None, cache
         active = (positions >= 0).nonzero().flatten()
         cache[active, :, positions[active]] = rows[active]
         return
-    users, blocks, offsets = _paged_users(page_table, positions, cache.shape[2])
+    bs = cache.shape[2]
+    if rows.shape[0] == 1:  # one user: plain integer indexing is the cheapest path
+        pos = int(positions[0])
+        if pos >= 0:
+            cache[int(page_table[0, pos // bs]), :, pos % bs] = rows[0]
+        return
+    users, blocks, offsets = _paged_users(page_table, positions, bs)
     cache[blocks, :, offsets] = rows[users]
 
 
