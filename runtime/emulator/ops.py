@@ -80,9 +80,8 @@ def to_memory_config(t, memory_config, dtype=None):
 
 @impl("ttnn.rms_norm")
 def rms_norm(x, epsilon=1e-12, weight=None, memory_config=None, compute_kernel_config=None):
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
-    return y * weight.reshape(-1).float() if weight is not None else y
+    xf = x.float()  # one fused float32 kernel: x * rsqrt(mean(x^2) + eps) * weight
+    return F.rms_norm(xf, (xf.shape[-1],), None if weight is None else weight.reshape(-1).float(), epsilon)
 
 
 @impl("ttnn.linear")
@@ -142,7 +141,7 @@ def rotary_embedding_llama(x, cos, sin, trans_mat, is_decode_mode=False, memory_
                            compute_kernel_config=None):
     xf = x.float()
     rotated = (xf.unflatten(-1, (-1, TILE)) @ trans_mat.reshape(TILE, TILE).float()).flatten(-2)
-    return xf * cos.float() + rotated * sin.float()
+    return torch.addcmul(xf * cos.float(), rotated, sin.float())
 
 
 @impl("ttnn.fill_cache")
