@@ -103,7 +103,7 @@ def _generate_with_progress(session, prompts, keywords):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # prompt texts may follow the options
     try:
         return _run(args)
     except ValueError as e:

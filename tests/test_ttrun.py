@@ -54,6 +54,11 @@ def test_single_prompt_streams(smol_program, capsys):
                    "--max-generated-tokens", "12"])
     captured = capsys.readouterr()
     assert rc == 0 and "Paris" in captured.out and "time to first token" in captured.err
+    # As scripts/demo.sh writes it: the prompt after the options.
+    rc = cli.main(["prompt", "--program", str(smol_program), "--max-generated-tokens", "12",
+                   "What is the capital of France?"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "Paris" in captured.out
 
 
 def test_errors_are_one_line(capsys, tmp_path):
