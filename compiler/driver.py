@@ -10,7 +10,7 @@ from lowering.stamp import (TRACED_LAYERS, canonical_names, canonical_order, sta
                             stamp_state, stamp_weights)
 from models_ref.config import ModelConfig, load_config
 from models_ref.weights import CheckpointReader, open_checkpoint
-from passes.memory_plan import MemoryPlan
+from compiler.memory import MemoryPlan
 
 from .options import CompileOptions
 from .pipeline import Observer, run_pipeline

@@ -101,5 +101,5 @@ class GraphFacts:
 
     weights: dict[str, WeightSpec] = field(default_factory=dict)
     state: dict[str, StateSpec] = field(default_factory=dict)
-    # passes.memory_plan.MemoryPlan: bytes per chip, fit decisions (set by the last pass)
+    # compiler.memory.MemoryPlan: bytes per chip, fit decisions (set by the last pass)
     memory: object | None = None

@@ -6,7 +6,7 @@ passes/memory_plan.py), not a measurement.
 """
 from __future__ import annotations
 
-from passes.memory_plan import GB, SHORT_CONTEXT, MemoryPlan
+from compiler.memory import GB, SHORT_CONTEXT, MemoryPlan
 
 
 def _gb(n: float) -> str:

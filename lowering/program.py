@@ -72,7 +72,7 @@ class Program:
     state: dict[str, TensorSpec]
     functions: dict[str, Function]
     format_version: int = FORMAT_VERSION
-    # passes.memory_plan.MemoryPlan.to_json(): bytes per chip by category, max context and
+    # compiler.memory.MemoryPlan.to_json(): bytes per chip by category, max context and
     # prefill chunk, collectives per layer (informational; the runtime needs none of it)
     memory_plan: dict = field(default_factory=dict)
 

@@ -27,7 +27,8 @@ from compiler.targets import get_target
 from compiler.trace import trace
 from models_ref.config import load_config, seed_model_dirs
 from passes import memory_plan
-from passes.memory_plan import GB, MemoryPlan, _live_points, device_bytes
+from compiler.memory import GB, MemoryPlan, device_bytes
+from passes.memory_plan import _live_points
 from runtime.blockfloat import bytes_for
 
 SEEDS = seed_model_dirs()

@@ -1,0 +1,128 @@
+"""The memory plan of a program: bytes per chip by category and the fit decisions, as
+data with its arithmetic. passes/memory_plan.py fills it in; the driver, the report and
+program.json read it."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from runtime.blockfloat import bytes_for
+
+GB = 1 << 30  # as compiler.targets: "12 GB" is 12 x 2**30 bytes
+SHORT_CONTEXT = 1024  # context of the "short" decode bandwidth estimate
+CROSS_ATTENTION = "cross_attention (not in the text program)"
+
+_CATEGORIES = [
+    (r"attention\.", "attention"),
+    (r"feed_forward\.", "mlp"),
+    (r"norm\.weight$", "norms"),
+    (r"^tok_embeddings\.", "embedding"),
+    (r"^output\.", "lm_head"),
+    (r"^rope_", "rope_tables"),
+]
+# Not read in full by a decode step: embedding rows and rope rows are looked up.
+_LOOKUP_CATEGORIES = ("embedding", "rope_tables")
+
+
+def weight_category(name: str) -> str:
+    return next((cat for pattern, cat in _CATEGORIES if re.search(pattern, name)), "other")
+
+
+def device_bytes(shape, dtype: str) -> int:
+    """Bytes of one device tensor: TILE layout; a 1-D vector is stored as the ROW_MAJOR
+    [ceil(n/32), 32] rows the lowering makes of norm weights."""
+    shape = tuple(shape)
+    if len(shape) == 1:
+        shape = (math.ceil(shape[0] / 32), 32)
+    return bytes_for(shape, dtype)
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per chip and the decisions; JSON-able (program.json "memory_plan")."""
+
+    target: str
+    chips: int
+    dram_bytes: int  # per chip
+    l1_bytes: int  # per chip: cores x L1 per core
+    batch: int
+    model_max_context: int
+    weights: dict[str, int] = field(default_factory=dict)  # category -> bytes per chip
+    weights_by_dtype: dict[str, int] = field(default_factory=dict)
+    kv_bytes_per_token: int = 0  # per chip, all layers, K and V
+    kv_pool_tokens: int = 0  # token slots of a page pool of a given size (--max-num-blocks)
+    # A pool paged_kv sizes itself (no --max-num-blocks): max(default blocks, one user's
+    # page-table row + 1) blocks of kv_block_size tokens, so it follows the context.
+    kv_pool_default_blocks: int = 0
+    kv_block_size: int = 0
+    rope_bytes_per_position: int = 0
+    activation_base: int = 0  # prefill peak = max over program points of base + per_row x S
+    activation_points: list = field(default_factory=list)  # [(base, per_row)] upper envelope
+    decode_activation_bytes: int = 0
+    collectives_per_layer: dict[str, int] = field(default_factory=dict)  # mode -> count
+    max_context: int = 0
+    max_prefill_chunk: int = 0
+    context: int = 0  # the context compiled for
+    prefill_chunk: int = 0  # the chunk planned for
+    refusal: str | None = None
+    notes: list[str] = field(default_factory=list)
+    dram_bandwidth_gbs: float = 0.0
+
+    # ------------------------------------------------------------ arithmetic
+    def activation_bytes(self, rows: int) -> int:
+        return max((b + r * rows for b, r in self.activation_points), default=0)
+
+    def pool_tokens(self, context: int) -> int:
+        """Token slots of the page pool the program allocates for this context (0: none)."""
+        if self.kv_pool_default_blocks:
+            blocks = max(self.kv_pool_default_blocks, -(-context // self.kv_block_size) + 1)
+            return blocks * self.kv_block_size
+        return self.kv_pool_tokens
+
+    def kv_tokens(self, context: int) -> int:
+        """KV token slots planned: the requested batch at full context, or the pool if larger."""
+        return max(self.pool_tokens(context), self.batch * context)
+
+    def fixed_bytes(self) -> int:
+        return sum(v for k, v in self.weights.items() if k != "rope_tables")
+
+    def total_bytes(self, context: int, chunk: int) -> int:
+        """DRAM per chip. Decode activations are not here: they live in L1."""
+        return (self.fixed_bytes() + self.rope_bytes_per_position * context
+                + self.kv_bytes_per_token * self.kv_tokens(context) + self.activation_bytes(chunk))
+
+    def fits(self, context: int, chunk: int) -> bool:
+        return self.total_bytes(context, chunk) <= self.dram_bytes
+
+    def by_category(self, context: int | None = None, chunk: int | None = None) -> dict[str, int]:
+        context = self.context if context is None else context
+        chunk = self.prefill_chunk if chunk is None else chunk
+        out = {k: v for k, v in self.weights.items() if k != "rope_tables"}
+        out["rope_tables"] = self.rope_bytes_per_position * context
+        out["kv_cache"] = self.kv_bytes_per_token * self.kv_tokens(context)
+        out["activations"] = self.activation_bytes(chunk)
+        return out
+
+    def decode_step_bytes(self, context: int) -> int:
+        """DRAM bytes one decode step reads per chip: weights (not lookup tables) + KV."""
+        weights = sum(v for k, v in self.weights.items() if k not in _LOOKUP_CATEGORIES
+                      and not k.startswith("cross_attention"))
+        return weights + self.kv_bytes_per_token * self.batch * context
+
+    def decode_tokens_per_s_per_user(self, context: int) -> float:
+        """Upper bound: each step streams decode_step_bytes at peak DRAM bandwidth."""
+        return self.dram_bandwidth_gbs * 1e9 / self.decode_step_bytes(context)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["activation_points"] = [list(p) for p in self.activation_points]
+        data["summary"] = {"bytes_per_chip": self.by_category(),
+                           "total_bytes_per_chip": sum(self.by_category().values())}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MemoryPlan":
+        data = {k: v for k, v in data.items() if k != "summary"}
+        data["activation_points"] = [tuple(p) for p in data.get("activation_points", [])]
+        return cls(**data)
