@@ -6,8 +6,8 @@ Guarantees: prefill attention reads K/V from the cache through the user's page t
 after this call's writes, for positions up to chunk_start + S; a new scalar input
 `chunk_start` (the absolute position of the call's first row). A prompt longer than the
 maximum chunk is then prefilled by repeated calls, each seeing everything before it, and
-one-shot prefill is the special case chunk_start = 0. The maximum chunk is recorded in
-ctx.counters["chunked_prefill.max_chunk"] (options, else the seed's table).
+one-shot prefill is the special case chunk_start = 0. How large a chunk is, the memory
+planner decides (passes/memory_plan.py); the runtime splits prompts accordingly.
 
     %fk = paged_fill_cache(%k_cache, %k, %chunk_page_table)
     %a = causal_attention(%q, %k, %v, s)          ==>   %a = chunked_attention(%q, %fk, %fv, %page_table, %chunk_start, s)
@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch.fx
 
 from compiler import dialect
-from compiler.chunk_sizes import default_max_prefill_chunk
 from models_ref import ops as ref
 
 from .paged_kv import add_placeholder
@@ -35,8 +34,6 @@ def _fill_of(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    chunk = ctx.options.max_prefill_chunk or default_max_prefill_chunk(ctx.cfg.name, ctx.target.name)
-    ctx.counters["chunked_prefill.max_chunk"] = min(chunk, ctx.max_seq_len)
     if ctx.decode or not ctx.options.paged_attention:
         return gm
     page_table = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "page_table")
