@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import EXIT_INTERNAL, EXIT_USER, InternalCompilerError, missing_dependency
 from .options import BATCH_SIZES, OPTIMIZATIONS, CompileOptions, apply_env
 from .targets import TARGETS
 
@@ -82,7 +83,7 @@ def _run(args) -> int:
         print(text)
     if args.report:
         from .report import format_report
-        print(format_report(result.plan, result.cfg.name, options.optimizations))
+        print(format_report(result.plan, result.cfg.name, options.optimizations, result.program.precision))
     if args.emit == "python":
         from lowering.emit_python import emit_program
         print(emit_program(result.program))
@@ -111,10 +112,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except InternalCompilerError as e:  # a bug: says so, names pass and node, exit 3
+        print(f"ttcompile: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except ModuleNotFoundError as e:  # the user's environment, not a crash
+        print(f"ttcompile: error: {missing_dependency(e, 'ttcompile')}", file=sys.stderr)
+        return EXIT_USER
     except (ValueError, OSError) as e:  # user-caused: one line, exit 2, no traceback
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"ttcompile: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     except KeyboardInterrupt:
         print("ttcompile: interrupted", file=sys.stderr)
         return 130

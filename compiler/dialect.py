@@ -90,9 +90,11 @@ def paged_update_cache(cache: torch.Tensor, kv: torch.Tensor, cur_pos: torch.Ten
 
 
 def chunked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      page_table: torch.Tensor, chunk_start: int, scale: float) -> torch.Tensor:
+                      page_table: torch.Tensor, chunk_start: int, scale: float,
+                      window: int | None = None) -> torch.Tensor:
     """Prefill chunk attention: q `[1, H, S, hd]` at positions chunk_start.. sees every
-    earlier position of its user through the page table (its own chunk included, causal)."""
+    earlier position of its user through the page table (its own chunk included, causal;
+    with a window, only the `window` latest: ref.visible)."""
     if q.device.type == "meta":
         return torch.empty_like(q)
     rows = q.shape[2]
@@ -100,14 +102,16 @@ def chunked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     v = _gather_user(v_cache, page_table[0], chunk_start + rows)[None]
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
-    visible = torch.arange(chunk_start + rows)[None, :] <= torch.arange(chunk_start, chunk_start + rows)[:, None]
+    visible = ref.visible(torch.arange(chunk_start, chunk_start + rows), torch.arange(chunk_start + rows), window)
     mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale).to(q.dtype)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           cur_pos: torch.Tensor, page_table: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention `[1, B, H, hd]`: user b sees its positions 0..cur_pos[b]."""
+                           cur_pos: torch.Tensor, page_table: torch.Tensor, scale: float,
+                           window: int | None = None) -> torch.Tensor:
+    """Decode attention `[1, B, H, hd]`: user b sees its positions 0..cur_pos[b] (the
+    `window` latest of them with a window)."""
     if q.device.type == "meta":
         return torch.empty_like(q)
     out = torch.zeros_like(q)
@@ -119,6 +123,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         groups = q.shape[2] // k.shape[0]
         k, v = k.repeat_interleave(groups, 0).float(), v.repeat_interleave(groups, 0).float()
         scores = torch.einsum("hd,hld->hl", q[0, b].float(), k) * scale
+        if window is not None:
+            scores[:, : max(pos + 1 - window, 0)] = float("-inf")
         out[0, b] = torch.einsum("hl,hld->hd", scores.softmax(-1), v).to(q.dtype)
     return out
 

@@ -12,16 +12,13 @@ from models_ref.config import ModelConfig, load_config
 from models_ref.weights import CheckpointReader, open_checkpoint
 from compiler.memory import MemoryPlan
 
+from .errors import CompileError, InternalCompilerError, node_in_traceback
 from .options import CompileOptions
 from .pipeline import Observer, run_pipeline
 from .targets import Target, get_target
 from .trace import trace
 
 MODES = ("prefill", "decode")
-
-
-class CompileError(ValueError):
-    """The model cannot be compiled for this target with these options."""
 
 
 @dataclass
@@ -58,7 +55,18 @@ def _merge_plans(prefill: MemoryPlan, decode: MemoryPlan) -> MemoryPlan:
 
 def _lower_mode(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Function, dict, dict]:
     """The mode's program function, weight table and state table, with layers stamped
-    when the graph holds only the first `traced_layers` of `n_layers`."""
+    when the graph holds only the first `traced_layers` of `n_layers`. A failure here is
+    the compiler's (an op the table lacks, a rule that crashed): an internal error."""
+    try:
+        return _lower_and_stamp(gm, ctx, n_layers, traced_layers)
+    except CompileError:
+        raise
+    except Exception as e:
+        raise InternalCompilerError("lowering", ctx.mode, node_in_traceback(e.__traceback__),
+                                    f"{type(e).__name__}: {e}") from e
+
+
+def _lower_and_stamp(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Function, dict, dict]:
     fn = canonical_names(lower(gm, ctx))
     weights = device_weights(ctx.facts)
     state = {name: TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer,
@@ -102,6 +110,7 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
             gm = run_pipeline(gm, ctx, observer)
             plans[mode] = ctx.facts.memory
         functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, cfg.n_layers, traced_layers)
+        precision = ctx.facts.precision
         weights = canonical_order({**weights, **mode_weights})
         state = canonical_order({**state, **mode_state})
         counters.update({f"{mode}.{k}": v for k, v in ctx.counters.items()})
@@ -116,5 +125,5 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
                  # The page pool paged_kv sized (the option, or enough for a full-length user).
                  "max_num_blocks": counters.get("decode.paged_kv.pool_blocks", options.max_num_blocks)},
         weights=weights,
-        state=state, functions=functions, memory_plan=plan.to_json())
+        state=state, functions=functions, memory_plan=plan.to_json(), precision=precision)
     return CompileResult(program, cfg, target, reader, observer.printed, counters, plan)

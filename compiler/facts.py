@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models_ref.names import Role
+
 VAL = "val"
 PRECISION = "tt_precision"
 LAYER = "tt_layer"
@@ -26,8 +28,8 @@ class Precision:
     fidelity: str = "HiFi4"
 
     def __post_init__(self):
-        assert self.dtype in DEVICE_DTYPES, self.dtype
-        assert self.fidelity in FIDELITIES, self.fidelity
+        if self.dtype not in DEVICE_DTYPES or self.fidelity not in FIDELITIES:
+            raise ValueError(f"no such device precision: {self.dtype}, {self.fidelity}")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Placement:
         parts = 1
         for axis in self.axes:
             parts *= mesh_shape[axis]
-        assert shape[self.dim] % parts == 0, (shape, self)
+        if shape[self.dim] % parts:
+            raise ValueError(f"{shape} does not split evenly as {self}")
         return shape[: self.dim] + (shape[self.dim] // parts,) + shape[self.dim + 1:]
 
     def to_json(self) -> dict:
@@ -62,12 +65,24 @@ class Placement:
 REPLICATED = Placement()
 
 
+@dataclass(frozen=True)
+class FusedPart:
+    """One projection inside a fused weight (wq inside wqkv): its role, recipe and width
+    along the fused (last) dim. Later passes regroup parts by role, never by position."""
+
+    role: Role
+    recipe: list
+    width: int
+
+
 @dataclass
 class WeightSpec:
     """A device tensor that is not computed by the program: weights and constants.
 
+    `role` says what it is (models_ref/names.py; set once, when the graph is traced);
     `recipe` says how to build it from the checkpoint's canonical tensors (or from a
     compile-time constant) as a small JSON-able expression; `convert` evaluates it.
+    `fused` lists the projections a fused weight concatenates along its last dim.
     """
 
     name: str
@@ -77,10 +92,28 @@ class WeightSpec:
     layout: str = "TILE"
     layer: int | None = None
     placement: Placement = REPLICATED  # `shape` is the whole (global) tensor
+    role: Role | None = None
+    fused: tuple[FusedPart, ...] = ()
+
+    def part(self, *roles: Role) -> FusedPart:
+        """The fused part with one of `roles` (e.g. WQ or BQ)."""
+        return next(p for p in self.fused if p.role in roles)
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "dtype": self.dtype, "layout": self.layout,
-                "recipe": self.recipe, "layer": self.layer, "placement": self.placement.to_json()}
+                "recipe": self.recipe, "layer": self.layer, "placement": self.placement.to_json(),
+                "role": self.role.value if self.role else None}
+
+
+def weight_spec(name: str, shape, recipe: list, **fields) -> WeightSpec:
+    """A WeightSpec whose role and layer come from the name table (models_ref/names.py)."""
+    from models_ref.names import role_of
+
+    found = role_of(name)
+    if found is None:
+        raise KeyError(f"'{name}' is not in the weight name table (models_ref/names.py)")
+    role, layer = found
+    return WeightSpec(name, tuple(shape), recipe, layer=layer, role=role, **fields)
 
 
 @dataclass
@@ -93,6 +126,7 @@ class StateSpec:
     layer: int | None = None
     init: str = "zeros"
     placement: Placement = REPLICATED
+    role: Role | None = None
 
 
 @dataclass
@@ -103,3 +137,5 @@ class GraphFacts:
     state: dict[str, StateSpec] = field(default_factory=dict)
     # compiler.memory.MemoryPlan: bytes per chip, fit decisions (set by the last pass)
     memory: object | None = None
+    # the precision policy chosen and why (set by passes/precision.py)
+    precision: dict | None = None

@@ -4,29 +4,30 @@ program.json read it."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
+from models_ref.names import NORMS, Role
 from runtime.blockfloat import bytes_for
 
 GB = 1 << 30  # as compiler.targets: "12 GB" is 12 x 2**30 bytes
 SHORT_CONTEXT = 1024  # context of the "short" decode bandwidth estimate
 CROSS_ATTENTION = "cross_attention (not in the text program)"
 
-_CATEGORIES = [
-    (r"attention\.", "attention"),
-    (r"feed_forward\.", "mlp"),
-    (r"norm\.weight$", "norms"),
-    (r"^tok_embeddings\.", "embedding"),
-    (r"^output\.", "lm_head"),
-    (r"^rope_", "rope_tables"),
-]
+# Memory category of each weight role (the report's rows).
+CATEGORIES: dict[Role, str] = {
+    **{r: "attention" for r in (Role.WQ, Role.WK, Role.WV, Role.BQ, Role.BK, Role.BV, Role.WQKV,
+                                Role.BQKV, Role.WO)},
+    **{r: "mlp" for r in (Role.W1, Role.W2, Role.W3)},
+    **{r: "norms" for r in NORMS},
+    Role.EMBEDDING: "embedding", Role.LM_HEAD: "lm_head",
+    Role.ROPE_COS: "rope_tables", Role.ROPE_SIN: "rope_tables", Role.ROPE_TRANS_MAT: "rope_tables",
+}
 # Not read in full by a decode step: embedding rows and rope rows are looked up.
 _LOOKUP_CATEGORIES = ("embedding", "rope_tables")
 
 
-def weight_category(name: str) -> str:
-    return next((cat for pattern, cat in _CATEGORIES if re.search(pattern, name)), "other")
+def weight_category(role: Role | None) -> str:
+    return CATEGORIES.get(role, "other")
 
 
 def device_bytes(shape, dtype: str) -> int:

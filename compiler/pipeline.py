@@ -8,6 +8,8 @@ import torch.fx
 
 from passes import canonicalize, chunked_prefill, fuse_mlp, fuse_qkv, memory_plan, paged_kv, precision, shard
 
+from .errors import CompileError, InternalCompilerError, node_in_traceback
+from .placement import annotate
 from .printer import graph_text
 from .verify import verify
 
@@ -20,7 +22,8 @@ ORDER_CONSTRAINTS = [("canonicalize", "fuse_qkv"), ("canonicalize", "fuse_mlp"),
 
 PASS_NAMES = [p.NAME for p in PIPELINE]
 for _before, _after in ORDER_CONSTRAINTS:
-    assert PASS_NAMES.index(_before) < PASS_NAMES.index(_after), (_before, _after)
+    if PASS_NAMES.index(_before) > PASS_NAMES.index(_after):
+        raise ImportError(f"pipeline order: '{_before}' must run before '{_after}'")
 
 
 @dataclass
@@ -44,15 +47,31 @@ class Observer:
                 (self.dump_dir / f"{ctx.mode}_{index:02d}_{name}.txt").write_text(text)
 
 
+def refresh(gm: torch.fx.GraphModule, ctx) -> None:
+    """The analyses every pass may rely on, recomputed after each: per-chip shapes
+    (node.meta[VAL]) and mesh placements (node.meta[PLACEMENT])."""
+    ctx.propagate(gm)
+    annotate(gm, ctx.facts, ctx.decode)
+
+
+def run_pass(pass_module, gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    """One pass, then the analyses. A CompileError is the user's (model, options, target)
+    and passes through; anything else is a bug in the pass, reported as one."""
+    try:
+        gm = pass_module.run(gm, ctx)
+        refresh(gm, ctx)
+    except (CompileError, InternalCompilerError):
+        raise
+    except Exception as e:
+        raise InternalCompilerError(f"pass '{pass_module.NAME}'", ctx.mode, node_in_traceback(e.__traceback__),
+                                    f"{type(e).__name__}: {e}") from e
+    return gm
+
+
 def run_pipeline(gm: torch.fx.GraphModule, ctx, observer: Observer | None = None) -> torch.fx.GraphModule:
     observer = observer or Observer()
+    refresh(gm, ctx)
     for index, pass_module in enumerate(PIPELINE, start=1):
-        try:
-            gm = pass_module.run(gm, ctx)
-            ctx.propagate(gm)
-        except ValueError:
-            raise  # the user's model or options: reported as given (the CLI exits 2)
-        except Exception as e:
-            raise RuntimeError(f"pass '{pass_module.NAME}' failed on the {ctx.mode} graph: {e}") from e
+        gm = run_pass(pass_module, gm, ctx)
         observer.after(index, pass_module.NAME, gm, ctx)
     return gm

@@ -17,7 +17,18 @@ def _row(label: str, value: str, note: str = "") -> str:
     return f"  {label:<34} {value:>16}  {note}".rstrip()
 
 
-def format_report(plan: MemoryPlan, model: str, optimizations: str) -> str:
+def format_precision(precision: dict) -> list[str]:
+    """The precision policy chosen, and the rules (model facts) that shaped it."""
+    policy = precision.get("policy", {})
+    weights = ", ".join(f"{k} {policy[k]}" for k in ("attention", "ff1_ff3", "ff2", "lm_head", "embeddings")
+                        if k in policy)
+    lines = [f"precision ({precision.get('mode')}): weights {weights}; KV cache {policy.get('kv_cache')}; "
+             f"activations {policy.get('activations')}; MLP fidelity {policy.get('ff1_ff3_fidelity')}"]
+    lines += [f"  rule: {why}" for why in precision.get("rules", [])]
+    return lines
+
+
+def format_report(plan: MemoryPlan, model: str, optimizations: str, precision: dict | None = None) -> str:
     cats = plan.by_category()
     lines = [f"memory plan: {model} on {plan.target} ({plan.chips} chip{'s' if plan.chips > 1 else ''}, "
              f"{plan.dram_bytes / GB:.0f} GB DRAM per chip), {optimizations}, batch {plan.batch}",
@@ -49,4 +60,6 @@ def format_report(plan: MemoryPlan, model: str, optimizations: str) -> str:
                       f"{plan.context}: bound from {plan.dram_bandwidth_gbs:.0f} GB/s DRAM per chip, "
                       "weights + KV read once per step"))
     lines += [f"  note: {n}" for n in plan.notes]
+    if precision:
+        lines += format_precision(precision)
     return "\n".join(lines)

@@ -7,10 +7,10 @@ import torch.fx
 from models_ref.config import ModelConfig
 from models_ref.modules import Transformer
 
-from passes.util import layer_of_name
+from models_ref.names import Role
 
 from .context import PassContext
-from .facts import StateSpec, WeightSpec
+from .facts import StateSpec, weight_spec
 from .options import CompileOptions
 from .targets import Target
 
@@ -37,16 +37,17 @@ def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
     seq_rows = SEQ_ROWS
     ctx = PassContext(cfg, target, options, mode, max_seq_len, seq_rows)
 
+    # Every weight and cache gets its role here, once, from the name table.
     param_names = {id(p): name for name, p in model.named_parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):
-        source = param_names[id(p)]
-        ctx.facts.weights[name] = WeightSpec(name, tuple(p.shape), ["source", source],
-                                             layer=layer_of_name(name))
+        ctx.facts.weights[name] = weight_spec(name, p.shape, ["source", param_names[id(p)]])
     for name, b in model.named_buffers():
-        if name.startswith("rope_"):
-            ctx.facts.weights[name] = WeightSpec(name, tuple(b.shape), _constant_recipe(name, max_seq_len))
+        spec = weight_spec(name, b.shape, [])
+        if spec.role in (Role.ROPE_COS, Role.ROPE_SIN):
+            spec.recipe = _constant_recipe(name, max_seq_len)
+            ctx.facts.weights[name] = spec
         else:
-            ctx.facts.state[name] = StateSpec(name, tuple(b.shape), layer=layer_of_name(name))
+            ctx.facts.state[name] = StateSpec(name, spec.shape, layer=spec.layer, role=spec.role)
 
     batch = options.batch_size
     if mode == "decode":

@@ -7,6 +7,7 @@ a second time at another row count and comparing).
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from compiler import dialect
 from compiler.facts import LAYER, PLACEMENT, PRECISION, REPLICATED, VAL, WeightSpec
 from compiler.trace import ALT_SEQ_ROWS
 from models_ref import ops as ref
+from models_ref.names import LOOKUP_TABLES, NORMS, Role
 
 from .optable import check_op
 from .program import SEQ, Function, InputSpec, Op, TensorSpec
@@ -184,35 +186,40 @@ def _paged_update_cache(lw: Lowering, node):
     lw.names[node] = lw.names[cache]
 
 
+def _attention_kwargs(node, scale, window=None) -> dict:
+    """scale, compute config and (models with a sliding window) the window: ttnn's
+    sliding_window_size counts the positions a query sees, itself included, as
+    models_ref.ops.visible does."""
+    return {"scale": scale, "sliding_window_size": window,
+            "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)}
+
+
 def _chunked_attention(lw: Lowering, node):
-    q, k_cache, v_cache, page_table, _, scale = node.args
+    q, k_cache, v_cache, page_table, _, scale, *window = node.args
     lw.result(node, "ttnn.transformer.chunked_scaled_dot_product_attention",
               [lw.ref(q), lw.ref(k_cache), lw.ref(v_cache), lw.ref(page_table), "$chunk_start"],
-              {"scale": scale, "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+              _attention_kwargs(node, scale, *window))
 
 
 def _paged_decode_attention(lw: Lowering, node):
-    q, k_cache, v_cache, _, page_table, scale = node.args
+    q, k_cache, v_cache, _, page_table, scale, *window = node.args
     lw.result(node, "ttnn.transformer.paged_scaled_dot_product_attention_decode",
               [lw.ref(q), lw.ref(k_cache), lw.ref(v_cache)],
-              {"page_table_tensor": lw.ref(page_table), "cur_pos_tensor": "%cur_pos", "scale": scale,
-               "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+              {"page_table_tensor": lw.ref(page_table), "cur_pos_tensor": "%cur_pos",
+               **_attention_kwargs(node, scale, *window)})
 
 
 def _causal_attention(lw: Lowering, node):
-    q, k, v, scale = node.args
+    q, k, v, scale, *window = node.args
     lw.result(node, "ttnn.transformer.scaled_dot_product_attention",
-              [lw.ref(q), lw.ref(k), lw.ref(v)],
-              {"is_causal": True, "scale": scale,
-               "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+              [lw.ref(q), lw.ref(k), lw.ref(v)], {"is_causal": True, **_attention_kwargs(node, scale, *window)})
 
 
 def _decode_attention(lw: Lowering, node):
-    q, k_cache, v_cache, _, scale = node.args
+    q, k_cache, v_cache, _, scale, *window = node.args
     lw.result(node, "ttnn.transformer.scaled_dot_product_attention_decode",
               [lw.ref(q), lw.ref(k_cache), lw.ref(v_cache)],
-              {"cur_pos_tensor": "%cur_pos", "scale": scale,
-               "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+              {"cur_pos_tensor": "%cur_pos", **_attention_kwargs(node, scale, *window)})
 
 
 def _merge_heads(lw: Lowering, node):
@@ -345,28 +352,27 @@ def lower(gm: torch.fx.GraphModule, ctx) -> Function:
 def device_weights(facts) -> dict[str, dict]:
     """The program's weight table: device layouts for what the graph's weights are.
 
-    Norm weights go to ttnn as ROW_MAJOR [1, 1, D/32, 32]; embedding tables (tokens and
-    rope) as ROW_MAJOR rows; the rotary transformation matrix is added as a constant.
+    Norm weights go to ttnn as ROW_MAJOR [1, 1, D/32, 32]; lookup tables (token embedding,
+    rope rows) as ROW_MAJOR rows; the rotary transformation matrix is added as a constant.
     """
     out = {}
     for name, spec in facts.weights.items():
-        spec = WeightSpec(spec.name, spec.shape, spec.recipe, spec.dtype, spec.layout, spec.layer,
-                          spec.placement)
-        if name.endswith("norm.weight") and spec.shape[0] % TILE == 0:
+        spec = dataclasses.replace(spec)
+        if spec.role in NORMS and spec.shape[0] % TILE == 0:
             spec.shape = (1, 1, spec.shape[0] // TILE, TILE)
             spec.recipe = ["reshape", list(spec.shape), spec.recipe]
             spec.layout = "ROW_MAJOR"
-        elif name.endswith("norm.weight"):
+        elif spec.role in NORMS:
             spec.shape = (1, spec.shape[0])
             spec.recipe = ["reshape", [1, -1], spec.recipe]
-        elif name in ("tok_embeddings.weight", "rope_cos", "rope_sin"):
+        elif spec.role in LOOKUP_TABLES:
             spec.layout = "ROW_MAJOR"
         out[name] = spec.to_json()
     out[TRANS_MAT] = WeightSpec(TRANS_MAT, (1, 1, TILE, TILE), ["rope_trans_mat"],
-                                "bfloat16" if _activation_dtype(facts) != "float32" else "float32").to_json()
+                                _activation_dtype(facts), role=Role.ROPE_TRANS_MAT).to_json()
     return out
 
 
 def _activation_dtype(facts) -> str:
-    norm = next((w for n, w in facts.weights.items() if n.endswith("norm.weight")), None)
-    return norm.dtype if norm else "bfloat16"
+    norm = next((w for w in facts.weights.values() if w.role in NORMS), None)
+    return "float32" if norm is not None and norm.dtype == "float32" else "bfloat16"

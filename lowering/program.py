@@ -75,6 +75,8 @@ class Program:
     # compiler.memory.MemoryPlan.to_json(): bytes per chip by category, max context and
     # prefill chunk, collectives per layer (informational; the runtime needs none of it)
     memory_plan: dict = field(default_factory=dict)
+    # passes/precision.py's choice: {"mode", "policy": {field: dtype or fidelity}, "rules": [why]}
+    precision: dict = field(default_factory=dict)
 
     # -------------------------------------------------------------- (de)serialisation
     def to_json(self) -> dict:
@@ -103,6 +105,7 @@ class Program:
             state={k: TensorSpec(**v) for k, v in data["state"].items()},
             functions=functions, format_version=data["format_version"],
             memory_plan=data.get("memory_plan") or {},
+            precision=data.get("precision") or {},
         )
 
     @classmethod

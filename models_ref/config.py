@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fields import HF_FIELDS, META_FIELDS, FieldRefused, check_fields
 
 # Public config.json / params.json files of the seed's models (no weights), shipped for
 # weight-free compilation: `ttcompile models_ref/seed_configs/<name> --no-weights`.
@@ -46,20 +47,40 @@ class RopeScaling:
 
 ROPE_KINDS = ("llama3", "linear", "yarn")
 
-# HF architecture name -> family. Families differ only in data (QKV bias), not in code.
+# HF architecture name -> family. Families differ in data (the Family row), not in code.
 # Llama 3.2 Vision (mllama) is a Llama-3 text decoder with gated cross-attention layers
 # interleaved; its text path (no image) is the plain decoder (see ModelConfig).
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
     "MllamaForConditionalGeneration": "llama",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family's architecture fixes (rather than its config fields)."""
+
+    qkv_bias: bool = False  # q/k/v projections carry biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    head_dim_free: bool = True  # head_dim may differ from hidden_size / heads
+    sliding_window_field: str | None = None  # "always" (Mistral) | "qwen" (use_sliding_window)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "qwen2": Family(qkv_bias=True, head_dim_free=False, sliding_window_field="qwen"),
+    "qwen3": Family(qk_norm=True, sliding_window_field="qwen"),
+    "mistral": Family(sliding_window_field="always"),
 }
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    family: str  # "llama" | "qwen2"
+    family: str  # a key of FAMILIES
     dim: int
     n_layers: int
     n_heads: int
@@ -73,6 +94,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     rope_scaling: RopeScaling | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    sliding_window: int | None = None  # each query sees this many latest positions (itself included)
     source_format: str = "hf"  # "hf" | "meta"
     # Llama 3.2 Vision: the self-attention layers (Meta numbering, 0..n_layers-1) that a
     # gated cross-attention layer runs before (Meta's "fusion schedule"). n_layers counts
@@ -84,6 +107,17 @@ class ModelConfig:
     @property
     def qkv_dim(self) -> int:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of the text decoder (embedding, layers, head; cross-attention layers
+        counted as decoder layers): the size facts precision policies key on."""
+        hd = self.head_dim
+        attention = self.dim * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * self.dim
+        layer = attention + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
+        layers = self.n_layers + len(self.cross_attention_layers)
+        return self.vocab_size * self.dim + layers * layer + self.dim + head
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -209,15 +243,52 @@ def _hf_cross_attention_layers(data: dict, path: Path) -> tuple[int, ...]:
     return tuple(h - rank for rank, h in enumerate(sorted(raw)))
 
 
+def _check_fields(data: dict, table, path: Path) -> None:
+    try:
+        check_fields(data, table, str(path))
+    except FieldRefused as e:
+        raise ConfigError(str(e)) from None
+
+
+def _sliding_window(data: dict, family: str, path: Path, n_layers: int, context: int) -> int | None:
+    """The attention window every layer uses (None: full causal attention), as HF reads
+    the family's fields; configs that mix windowed and full layers are refused."""
+    how = FAMILIES[family].sliding_window_field
+    window = data.get("sliding_window")
+    if how == "qwen" and not data.get("use_sliding_window"):
+        window = None
+    elif how is None and window is not None:
+        raise ConfigError(f"{path}: field 'sliding_window' is not part of the {family} architecture")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ConfigError(f"{path}: field 'sliding_window' must be a positive integer, got {window!r}")
+    types = data.get("layer_types")
+    if types is None and how == "qwen" and window is not None:
+        first = _optional(data, "max_window_layers", path, n_layers)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if types is not None:
+        kinds = set(types) if isinstance(types, list) else {None}
+        if not kinds <= {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"{path}: field 'layer_types' holds unknown layer types {sorted(map(str, kinds))}")
+        if len(kinds) > 1:
+            raise ConfigError(f"{path}: field 'layer_types' mixes full and sliding-window attention layers "
+                              "(one window for all layers is supported)")
+        if kinds == {"full_attention"}:
+            window = None
+        elif window is None:
+            raise ConfigError(f"{path}: sliding-window layers without a 'sliding_window' size")
+    return window if window is not None and window < context else None
+
+
 def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
-    """Normalise a Hugging Face config.json (Llama / Qwen2 causal LMs, Llama 3.2 Vision's
-    text decoder)."""
+    """Normalise a Hugging Face config.json (Llama, Qwen2, Qwen3 and Mistral causal LMs,
+    Llama 3.2 Vision's text decoder)."""
     data = _read_json(path)
     if "text_config" in data and "num_hidden_layers" not in data:
         # Vision-language configs (Llama 3.2 Vision) keep the decoder in text_config.
         if not isinstance(data["text_config"], dict):
             raise ConfigError(f"{path}: text_config must be an object")
         data = {**data["text_config"], "architectures": data.get("architectures")}
+    _check_fields(data, HF_FIELDS, path)
     archs = data.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
@@ -241,7 +312,7 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
                 " and no head_dim is given"
             )
         head_dim = dim // n_heads
-    elif head_dim * n_heads != dim and family == "qwen2":
+    elif head_dim * n_heads != dim and not FAMILIES[family].head_dim_free:
         raise ConfigError(f"{path}: head_dim {head_dim} x {n_heads} heads != hidden_size {dim}")
     # transformers 5 writes rope_parameters (theta and scaling together); 4.x wrote
     # rope_theta and rope_scaling. Accept both.
@@ -252,7 +323,7 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
     if rope_theta is None:
         rope_theta = _optional(rope_params, "rope_theta", path, 10000.0, float)
     if data.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{path}: hidden_act '{data['hidden_act']}' is not supported (silu only)")
+        raise ConfigError(f"{path}: field 'hidden_act' = {data['hidden_act']!r} is not supported (silu only)")
     declared_max = _optional(data, "max_position_embeddings", path, 4096)
     rope_scaling = _rope_scaling(data.get("rope_scaling") or rope_params, path, declared_max)
     cross = _hf_cross_attention_layers(data, path)
@@ -260,6 +331,7 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
     if n_layers <= 0:
         raise ConfigError(f"{path}: num_hidden_layers leaves no self-attention layer "
                           f"beside {len(cross)} cross-attention layers")
+    context = _context_length(declared_max, rope_scaling)
     cfg = ModelConfig(
         name=name or path.parent.name,
         family=family,
@@ -272,10 +344,12 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         vocab_size=_need(data, "vocab_size", path),
         norm_eps=float(_optional(data, "rms_norm_eps", path, 1e-6, float)),
         rope_theta=float(rope_theta),
-        max_position_embeddings=_context_length(declared_max, rope_scaling),
+        max_position_embeddings=context,
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or bool(data.get("attention_bias", False)),
+        qkv_bias=FAMILIES[family].qkv_bias,
         rope_scaling=rope_scaling,
+        qk_norm=FAMILIES[family].qk_norm,
+        sliding_window=_sliding_window(data, family, path, n_layers, context),
         source_format="hf",
         cross_attention_layers=cross,
     )
@@ -345,6 +419,7 @@ def from_meta_params(path: Path, name: str | None = None,
     """Normalise a Meta params.json. Meta checkpoints are Llama-3 text decoders (for
     Llama 3.2 Vision: its text decoder, cross-attention positions included)."""
     data = _read_json(path)
+    _check_fields(data, META_FIELDS, path)
     dim = _need(data, "dim", path)
     n_heads = _need(data, "n_heads", path)
     if dim % n_heads:

@@ -38,6 +38,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.window = cfg.sliding_window
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim on every q and k head, before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         shape = (max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
@@ -46,16 +50,18 @@ class Attention(nn.Module):
         q = ops.split_heads(self.wq(x), self.n_heads, self.head_dim, self.decode)
         k = ops.split_heads(self.wk(x), self.n_kv_heads, self.head_dim, self.decode)
         v = ops.split_heads(self.wv(x), self.n_kv_heads, self.head_dim, self.decode)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q = ops.rotary(q, cos, sin)
         k = ops.rotary(k, cos, sin)
         if self.decode:
             k_cache = ops.update_cache(self.k_cache, k, positions)
             v_cache = ops.update_cache(self.v_cache, v, positions)
-            out = ops.decode_attention(q, k_cache, v_cache, positions, self.scale)
+            out = ops.decode_attention(q, k_cache, v_cache, positions, self.scale, self.window)
         else:
             ops.fill_cache(self.k_cache, k, user_id)
             ops.fill_cache(self.v_cache, v, user_id)
-            out = ops.causal_attention(q, k, v, self.scale)
+            out = ops.causal_attention(q, k, v, self.scale, self.window)
         return self.wo(ops.merge_heads(out, self.decode))
 
 

@@ -78,25 +78,39 @@ def _repeat_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Q, K] mask of what each query sees: causal, and with a sliding window W only the
+    W latest positions, itself included (key > query - W, as Hugging Face defines it)."""
+    mask = key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        mask &= key_pos[None, :] > query_pos[:, None] - window
+    return mask
+
+
 @torch.fx.wrap
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     window: int | None = None) -> torch.Tensor:
     """Prefill attention, q `[1, H, S, hd]`, k/v `[1, Hkv, S, hd]` (grouped-query)."""
     groups = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, groups, 1), _repeat_kv(v, groups, 1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    pos = torch.arange(q.shape[2], device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(pos, pos, window), scale=scale)
 
 
 @torch.fx.wrap
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cur_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention: user b's query `[1, B, H, hd]` sees cache positions 0..cur_pos[b]."""
+                     cur_pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """Decode attention: user b's query `[1, B, H, hd]` sees cache positions 0..cur_pos[b]
+    (with a window W: cur_pos[b]-W+1..cur_pos[b])."""
     batch, n_heads = q.shape[1], q.shape[2]
     groups = n_heads // k_cache.shape[1]
     k = _repeat_kv(k_cache[:batch], groups, 1)  # [B, H, L, hd]
     v = _repeat_kv(v_cache[:batch], groups, 1)
     scores = torch.einsum("bhd,bhld->bhl", q[0].float(), k.float()) * scale
-    visible = torch.arange(k.shape[2], device=q.device)[None, :] <= cur_pos.long()[:, None]
-    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    mask = visible(cur_pos.long(), torch.arange(k.shape[2], device=q.device), window)
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     out = torch.einsum("bhl,bhld->bhd", scores.softmax(-1), v.float())
     return out[None].to(q.dtype)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ModelConfig, from_meta_params, load_config
+from .names import Role, canonical_name, hf_to_canonical, meta_shard_dim, rope_rows
 
 
 class WeightError(ValueError):
@@ -25,50 +26,27 @@ class WeightError(ValueError):
 
 # ---------------------------------------------------------------- names and shapes
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor the model needs, with its shape."""
+    """Every canonical tensor the model needs, with its shape (names from models_ref.names)."""
     d, hd = cfg.dim, cfg.head_dim
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    shapes = {Role.EMBEDDING: (cfg.vocab_size, d), Role.FINAL_NORM: (d,)}
     if not cfg.tie_word_embeddings:
-        shapes["output.weight"] = (cfg.vocab_size, d)
+        shapes[Role.LM_HEAD] = (cfg.vocab_size, d)
+    out = {canonical_name(role): shape for role, shape in shapes.items()}
+    per_layer = {Role.ATTENTION_NORM: (d,), Role.FFN_NORM: (d,), Role.WQ: (q, d), Role.WK: (kv, d),
+                 Role.WV: (kv, d), Role.WO: (d, q), Role.W1: (cfg.ffn_dim, d),
+                 Role.W3: (cfg.ffn_dim, d), Role.W2: (d, cfg.ffn_dim)}
+    if cfg.qkv_bias:
+        per_layer.update({Role.BQ: (q,), Role.BK: (kv,), Role.BV: (kv,)})
+    if cfg.qk_norm:
+        per_layer.update({Role.Q_NORM: (hd,), Role.K_NORM: (hd,)})
     for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes[p + "attention_norm.weight"] = (d,)
-        shapes[p + "ffn_norm.weight"] = (d,)
-        shapes[p + "attention.wq.weight"] = (cfg.n_heads * hd, d)
-        shapes[p + "attention.wk.weight"] = (cfg.n_kv_heads * hd, d)
-        shapes[p + "attention.wv.weight"] = (cfg.n_kv_heads * hd, d)
-        shapes[p + "attention.wo.weight"] = (d, cfg.n_heads * hd)
-        if cfg.qkv_bias:
-            shapes[p + "attention.wq.bias"] = (cfg.n_heads * hd,)
-            shapes[p + "attention.wk.bias"] = (cfg.n_kv_heads * hd,)
-            shapes[p + "attention.wv.bias"] = (cfg.n_kv_heads * hd,)
-        shapes[p + "feed_forward.w1.weight"] = (cfg.ffn_dim, d)
-        shapes[p + "feed_forward.w3.weight"] = (cfg.ffn_dim, d)
-        shapes[p + "feed_forward.w2.weight"] = (d, cfg.ffn_dim)
-    return shapes
-
-
-_HF_TO_META = [
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"layers.\1.attention.wq.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"layers.\1.attention.wk.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"layers.\1.attention.wv.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
-]
+        out.update({canonical_name(role, i): shape for role, shape in per_layer.items()})
+    return out
 
 
 def hf_to_meta_name(name: str) -> str | None:
-    for pattern, repl in _HF_TO_META:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    return None
+    return hf_to_canonical(name)
 
 
 # Llama 3.2 Vision (mllama) checkpoints keep the text decoder under a prefix and number
@@ -120,6 +98,23 @@ def meta_to_hf_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows = t.shape[0]
     tail = t.shape[1:]
     return t.reshape(n_heads, rows // n_heads // 2, 2, *tail).transpose(1, 2).reshape(rows, *tail)
+
+
+def hf_to_meta_layout(t: torch.Tensor, name: str, cfg: ModelConfig) -> torch.Tensor:
+    """An HF tensor in the canonical (Meta) row layout its table row asks for: q/k rows
+    per head, q/k norm weights within one head; everything else unchanged."""
+    kind = rope_rows(name)
+    if kind is None:
+        return t
+    return hf_to_meta_rows(t, {"q": cfg.n_heads, "k": cfg.n_kv_heads, "head": 1}[kind])
+
+
+def meta_to_hf_layout(t: torch.Tensor, name: str, cfg: ModelConfig) -> torch.Tensor:
+    """Inverse of hf_to_meta_layout (tests and exporters)."""
+    kind = rope_rows(name)
+    if kind is None:
+        return t
+    return meta_to_hf_rows(t, {"q": cfg.n_heads, "k": cfg.n_kv_heads, "head": 1}[kind])
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -252,27 +247,13 @@ class SafetensorsReader(CheckpointReader):
             raise WeightError(f"{path}: cannot read tensor '{key}' ({_first_line(e)})") from None
         if name == "tok_embeddings.weight" and self._extra_rows:
             t = t[: self.cfg.vocab_size]
-        if name.endswith(("wq.weight", "wq.bias")):
-            t = hf_to_meta_rows(t, self.cfg.n_heads)
-        elif name.endswith(("wk.weight", "wk.bias")):
-            t = hf_to_meta_rows(t, self.cfg.n_kv_heads)
+        return hf_to_meta_layout(t, name, self.cfg)
         return t
 
 
-# How Meta's model-parallel shards split each tensor (None: replicated in every shard).
-_META_SHARD_DIM = [
-    (r"tok_embeddings\.weight", 1),
-    (r"output\.weight", 0),
-    (r".*attention\.w[qkv]\.(weight|bias)", 0),
-    (r".*attention\.wo\.weight", 1),
-    (r".*feed_forward\.w[13]\.weight", 0),
-    (r".*feed_forward\.w2\.weight", 1),
-    (r".*norm\.weight", None),
-]
-
-
 def _meta_shard_dim(name: str) -> int | None:
-    return next((dim for pattern, dim in _META_SHARD_DIM if re.fullmatch(pattern, name)), None)
+    """How Meta's model-parallel shards split a tensor (None: replicated in every shard)."""
+    return meta_shard_dim(name)
 
 
 def _load_pth(path: Path) -> dict:

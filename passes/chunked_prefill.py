@@ -20,7 +20,6 @@ from compiler import dialect
 from models_ref import ops as ref
 
 from .paged_kv import add_placeholder
-from .shard import annotate
 from .util import replace
 
 NAME = "chunked_prefill"
@@ -40,9 +39,9 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     chunk_start = add_placeholder(gm, "chunk_start")
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is ref.causal_attention:
-            q, k, v, scale = node.args
+            q, k, v, scale, *window = node.args
             fill_k, fill_v = _fill_of(k), _fill_of(v)
-            replace(gm, node, dialect.chunked_attention, (q, fill_k, fill_v, page_table, chunk_start, scale))
+            replace(gm, node, dialect.chunked_attention,
+                    (q, fill_k, fill_v, page_table, chunk_start, scale, *window))
             ctx.counters["chunked_prefill.attentions"] += 1
-    annotate(gm, ctx.facts, ctx.decode)
     return gm

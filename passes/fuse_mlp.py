@@ -34,9 +34,8 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         gate = act.args[0]
         if not (_bias_free_linear(gate) and _bias_free_linear(up) and gate.args[0] is up.args[0]):
             continue
-        fused = replace(gm, node, dialect.gated_mlp, (gate.args[0], gate.args[1], up.args[1]))
+        replace(gm, node, dialect.gated_mlp, (gate.args[0], gate.args[1], up.args[1]))
         for dead in (act, gate, up):
             gm.graph.erase_node(dead)
         ctx.counters["fuse_mlp"] += 1
-        assert fused.target is dialect.gated_mlp
     return gm

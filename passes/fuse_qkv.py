@@ -1,11 +1,11 @@
 """fuse_qkv: one projection for q, k and v, split into heads by one op.
 
-Expects: canonical graph; per layer three `linear`s of the same input whose weights are
-`layers.i.attention.w{q,k,v}.weight`, each read only by a `split_heads`.
-Guarantees: one `linear` with weight `layers.i.attention.wqkv.weight` `[K, Nq+Nk+Nv]`
-(bias `bqkv` when the model has one), then `qkv_heads` and three getitems. The weight
-recipe keeps q, k and v as separate concat parts, so sharding can regroup them per chip
-as [q_i | k_i | v_i] (the layout the reference uses).
+Expects: canonical graph; per layer three `linear`s of the same input whose weights have
+roles WQ, WK, WV, each read only by a `split_heads`.
+Guarantees: one `linear` with weight `layers.i.attention.wqkv.weight` (role WQKV)
+`[K, Nq+Nk+Nv]` (bias BQKV when the model has one), then `qkv_heads` and three getitems.
+The spec lists its q, k and v parts by role (WeightSpec.fused), so sharding can regroup
+them per chip as [q_i | k_i | v_i] (the layout the reference uses).
 
     %q = linear(%x, %wq); %qh = split_heads(%q, 9, 64, False)       %qkv = linear(%x, %wqkv, %bqkv)
     %k = linear(%x, %wk); %kh = split_heads(%k, 3, 64, False)  ==>  %h = qkv_heads(%qkv, 9, 3, 64, False)
@@ -18,58 +18,65 @@ import operator
 import torch.fx
 
 from compiler import dialect
-from compiler.facts import LAYER, WeightSpec
+from compiler.facts import LAYER, FusedPart, WeightSpec
 from models_ref import ops as ref
+from models_ref.names import Role, canonical_name
 
 from .util import drop_unused_get_attrs, get_attr, replace
 
 NAME = "fuse_qkv"
-_PARTS = ("wq", "wk", "wv")
+_WEIGHTS = (Role.WQ, Role.WK, Role.WV)
+_BIASES = (Role.BQ, Role.BK, Role.BV)
 
 
-def _projection(node: torch.fx.Node):
-    """(part, linear, split_heads) if `node` is split_heads(linear(x, w_part))."""
+def _projection(node: torch.fx.Node, weights):
+    """(role, linear, split_heads) if `node` is split_heads(linear(x, w)) with w a q, k or v
+    projection weight."""
     lin = node.args[0]
     if not (isinstance(lin, torch.fx.Node) and lin.target is dialect.linear and len(lin.users) == 1):
         return None
-    weight = lin.args[1].target
-    part = weight.rsplit(".", 2)[-2]
-    return (part, lin, node) if part in _PARTS else None
+    role = weights[lin.args[1].target].role
+    return (role, lin, node) if role in _WEIGHTS else None
 
 
-def _fused_spec(ctx, prefix: str, kind: str, widths: list[int]) -> WeightSpec | None:
-    """The fused [q|k|v] weight (kind "weight") or bias (kind "bias"). A projection
+def _fused_spec(ctx, linears: list, roles: tuple[Role, ...], fused_role: Role, widths: list[int],
+                slot: int) -> WeightSpec | None:
+    """The fused [q|k|v] weight (slot 1 of the linears) or bias (slot 2). A projection
     without a bias contributes zeros, so a model biased on only some of them keeps its
     numerics; None when none of the three has one."""
-    specs = [ctx.facts.weights.get(f"{prefix}.{p}.{kind}") for p in _PARTS]
+    nodes = [lin.args[slot] if len(lin.args) > slot else None for lin in linears]
+    specs = [ctx.facts.weights[n.target] if n is not None else None for n in nodes]
     if all(s is None for s in specs):
         return None
-    rows = next(s.shape[0] for s in specs if s is not None)
-    recipes = [s.recipe if s is not None else ["zeros", [rows, w]] for s, w in zip(specs, widths)]
-    layer = next(s.layer for s in specs if s is not None)
-    return WeightSpec(f"{prefix}.wqkv.{kind}", (rows, sum(widths)), ["concat", 1, recipes], layer=layer)
+    first = next(s for s in specs if s is not None)
+    rows = first.shape[0]
+    parts = tuple(FusedPart(role, s.recipe if s is not None else ["zeros", [rows, w]], w)
+                  for role, s, w in zip(roles, specs, widths))
+    return WeightSpec(canonical_name(fused_role, first.layer), (rows, sum(widths)),
+                      ["concat", 1, [p.recipe for p in parts]], layer=first.layer, role=fused_role,
+                      fused=parts)
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     groups: dict[torch.fx.Node, dict] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is ref.split_heads:
-            found = _projection(node)
+            found = _projection(node, ctx.facts.weights)
             if found:
-                part, lin, split = found
-                groups.setdefault(lin.args[0], {})[part] = (lin, split)
+                role, lin, split = found
+                groups.setdefault(lin.args[0], {})[role] = (lin, split)
     for x, parts in groups.items():
-        if set(parts) != set(_PARTS):
+        if set(parts) != set(_WEIGHTS):
             continue
-        (q_lin, q_split), (_, k_split), (_, v_split) = (parts[p] for p in _PARTS)
-        prefix = q_lin.args[1].target.rsplit(".", 2)[0]  # layers.i.attention
-        widths = [ctx.facts.weights[p[0].args[1].target].shape[1] for p in (parts[n] for n in _PARTS)]
-        weight = _fused_spec(ctx, prefix, "weight", widths)
-        bias = _fused_spec(ctx, prefix, "bias", widths)
+        linears = [parts[r][0] for r in _WEIGHTS]
+        q_split, k_split, v_split = (parts[r][1] for r in _WEIGHTS)
+        widths = [ctx.facts.weights[lin.args[1].target].shape[1] for lin in linears]
+        weight = _fused_spec(ctx, linears, _WEIGHTS, Role.WQKV, widths, 1)
+        bias = _fused_spec(ctx, linears, _BIASES, Role.BQKV, widths, 2)
         for spec in (weight, bias):
             if spec is not None:
                 ctx.facts.weights[spec.name] = spec
-        first = min((p[0] for p in parts.values()), key=lambda n: list(gm.graph.nodes).index(n))
+        first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
         w_node = get_attr(gm, first, weight.name)
         b_node = get_attr(gm, first, bias.name) if bias else None
         with gm.graph.inserting_before(first):

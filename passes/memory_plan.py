@@ -79,7 +79,7 @@ def _account_weights(plan: MemoryPlan, ctx) -> None:
     for spec in ctx.facts.weights.values():
         local = spec.placement.local_shape(spec.shape, mesh)
         size = device_bytes(local, spec.dtype)
-        category = weight_category(spec.name)
+        category = weight_category(spec.role)
         if category == "rope_tables" and len(spec.shape) == 2:
             # cos / sin [context, head_dim]: accounted per position (the context is decided here)
             plan.rope_bytes_per_position += size // spec.shape[0]

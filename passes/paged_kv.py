@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch.fx
 
 from compiler import dialect
+from compiler.errors import CompileError
 from models_ref import ops as ref
 
-from .shard import annotate
 from .util import replace
 
 NAME = "paged_kv"
@@ -45,7 +45,7 @@ def pool_blocks(requested: int | None, per_user: int, max_seq_len: int, block_si
     if requested is None:
         return max(DEFAULT_POOL_BLOCKS, per_user + 1)
     if requested <= per_user:
-        raise ValueError(
+        raise CompileError(
             f"--max-num-blocks {requested} cannot hold one user: max-seq-len {max_seq_len} needs "
             f"{per_user} blocks of {block_size} tokens and ttnn needs a larger pool than a page-table "
             f"row; use --max-num-blocks {per_user + 1} or more, or a smaller --max-seq-len")
@@ -57,7 +57,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         return gm
     bs = ctx.options.block_size
     if ctx.max_seq_len % bs:
-        raise ValueError(f"max-seq-len {ctx.max_seq_len} is not a multiple of --block-size {bs}")
+        raise CompileError(f"max-seq-len {ctx.max_seq_len} is not a multiple of --block-size {bs}")
     per_user = ctx.max_seq_len // bs
     blocks = pool_blocks(ctx.options.max_num_blocks, per_user, ctx.max_seq_len, bs)
     ctx.counters["paged_kv.pool_blocks"] = blocks
@@ -82,13 +82,13 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             cache, kv, pos = node.args
             replace(gm, node, dialect.paged_update_cache, (cache, kv, pos, page_table))
         elif node.target is ref.decode_attention:
-            q, k_cache, v_cache, pos, scale = node.args
-            replace(gm, node, dialect.paged_decode_attention, (q, k_cache, v_cache, pos, page_table, scale))
+            q, k_cache, v_cache, pos, scale, *window = node.args
+            replace(gm, node, dialect.paged_decode_attention,
+                    (q, k_cache, v_cache, pos, page_table, scale, *window))
         else:
             continue
         ctx.counters["paged_kv.rewrites"] += 1
     for node in list(gm.graph.nodes):  # the prefilled user is now named by its page table
         if node.op == "placeholder" and node.target == "user_id" and not node.users:
             gm.graph.erase_node(node)
-    annotate(gm, ctx.facts, ctx.decode)
     return gm

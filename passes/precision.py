@@ -1,24 +1,29 @@
 """precision: device dtypes for weights, KV cache and activations, by optimization mode.
 
-Expects: a fused graph (wqkv, gated_mlp) and ctx.options.optimizations.
-Guarantees: every WeightSpec and StateSpec has its device dtype and every call_function
-node has a PRECISION fact (output dtype, math fidelity). Policies are data: a default
-row per mode, overridden per model family; families are recognised from the model name
-(as the reference keys its precision settings), anything unrecognised gets the default.
+Expects: a fused graph (wqkv, gated_mlp), weights with roles, ctx.options.optimizations.
+Guarantees: every WeightSpec and StateSpec has its device dtype, every call_function node
+has a PRECISION fact (output dtype, math fidelity), and ctx.facts.precision records the
+policy chosen and the rules that shaped it (program.json and --report show both).
 
-    layers.0.feed_forward.w1.weight  bfloat16 ==> bfloat4_b   (performance)
+Policies are data: a default row per mode, then rules that change it for models with
+given facts (family, parameter count), as the reference's per-model settings do. The
+rules read ModelConfig facts only, never the model's name or folder: the same checkpoint
+under any name compiles to the same program.
+
+    layers.0.feed_forward.w1.weight  bfloat16 ==> bfloat4_b   (role W1, performance)
     %m = gated_mlp(...)                        ==> meta[PRECISION] = Precision(bfloat16, LoFi)
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch.fx
 
 from compiler import dialect
 from compiler.facts import PLACEMENT, PRECISION, REPLICATED, Precision
+from models_ref.config import ModelConfig
+from models_ref.names import Role
 
 NAME = "precision"
 
@@ -51,39 +56,60 @@ POLICIES: dict[str, Policy] = {
                       ff1_ff3_fidelity="HiFi4", default_fidelity="HiFi4"),
 }
 
-# (family name pattern, mode) -> changes to the mode's default policy. From the reference's
-# per-model settings: Llama keeps bfloat8_b attention in accuracy mode; Qwen2.5-7B keeps
-# bfloat16 attention and KV even in performance mode; 70B-class models keep bfloat4_b MLP.
-FAMILY_OVERRIDES: list[tuple[str, str, dict]] = [
-    (r"llama-?3", "accuracy", {"attention": "bfloat8_b", "kv_cache": "bfloat8_b"}),
-    (r"qwen2\.5-7b", "performance", {"attention": "bfloat16", "kv_cache": "bfloat16"}),
-    (r"(70b|72b)", "accuracy", {"ff1_ff3": "bfloat4_b", "ff1_ff3_fidelity": "LoFi"}),
-]
+B = 10 ** 9
 
 
-def policy_for(model_name: str, mode: str) -> Policy:
-    policy = POLICIES[mode]
-    for pattern, override_mode, changes in FAMILY_OVERRIDES:
-        if override_mode == mode and re.search(pattern, model_name, re.IGNORECASE):
-            policy = dataclasses.replace(policy, **changes)
-    return policy
+@dataclass(frozen=True)
+class Rule:
+    """Changes to a mode's policy for models whose facts match (None: any)."""
+
+    why: str
+    mode: str
+    changes: dict
+    families: tuple[str, ...] | None = None
+    min_params: int | None = None
+    max_params: int | None = None
+
+    def applies(self, cfg: ModelConfig, mode: str) -> bool:
+        return (mode == self.mode and (self.families is None or cfg.family in self.families)
+                and (self.min_params is None or cfg.n_params >= self.min_params)
+                and (self.max_params is None or cfg.n_params < self.max_params))
 
 
-# Weight name suffix -> Policy field.
-_WEIGHT_ROLES = [
-    (r"attention\.wqkv\.weight$|attention\.w[qkvo]\.weight$", "attention"),
-    (r"feed_forward\.w[13]\.weight$", "ff1_ff3"),
-    (r"feed_forward\.w2\.weight$", "ff2"),
-    (r"^output\.weight$", "lm_head"),
-    (r"^tok_embeddings\.weight$", "embeddings"),
-]
+# From the reference's per-model settings (tt_transformers' ModelOptimizations), as facts.
+RULES: tuple[Rule, ...] = (
+    Rule("Llama-architecture models of 1B+ parameters keep bfloat8_b attention and KV in accuracy mode "
+         "(the reference's Llama/Mistral setting)", "accuracy",
+         {"attention": "bfloat8_b", "kv_cache": "bfloat8_b"}, families=("llama", "mistral"), min_params=1 * B),
+    Rule("Qwen2 models below 10B parameters keep bfloat16 attention and KV in performance mode "
+         "(the reference's Qwen2.5-7B setting)", "performance",
+         {"attention": "bfloat16", "kv_cache": "bfloat16"}, families=("qwen2",), max_params=10 * B),
+    Rule("models of 60B+ parameters keep a bfloat4_b LoFi MLP in accuracy mode (the reference's 70B setting)",
+         "accuracy", {"ff1_ff3": "bfloat4_b", "ff1_ff3_fidelity": "LoFi"}, min_params=60 * B),
+)
 
 
-def weight_dtype(name: str, policy: Policy) -> str:
-    for pattern, role in _WEIGHT_ROLES:
-        if re.search(pattern, name):
-            return getattr(policy, role)
-    return policy.activations  # norms, biases, rope tables: activation precision
+def choose_policy(cfg: ModelConfig, mode: str) -> tuple[Policy, list[str]]:
+    """The mode's policy for this model, and why it differs from the mode's default."""
+    policy, reasons = POLICIES[mode], []
+    for rule in RULES:
+        if rule.applies(cfg, mode):
+            policy = dataclasses.replace(policy, **rule.changes)
+            reasons.append(rule.why)
+    return policy, reasons
+
+
+# Which policy field gives each weight role its dtype; other roles (norms, biases, rope
+# tables) take the activation dtype.
+ROLE_FIELDS: dict[Role, str] = {
+    Role.WQ: "attention", Role.WK: "attention", Role.WV: "attention", Role.WQKV: "attention",
+    Role.WO: "attention", Role.W1: "ff1_ff3", Role.W3: "ff1_ff3", Role.W2: "ff2",
+    Role.LM_HEAD: "lm_head", Role.EMBEDDING: "embeddings",
+}
+
+
+def weight_dtype(role: Role | None, policy: Policy) -> str:
+    return getattr(policy, ROLE_FIELDS.get(role, "activations"))
 
 
 _ATTENTION = {dialect.DIALECT[name] for name in (
@@ -99,9 +125,9 @@ def _fidelity(node: torch.fx.Node, policy: Policy) -> str:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    policy = policy_for(ctx.cfg.name, ctx.options.optimizations)
+    policy, reasons = choose_policy(ctx.cfg, ctx.options.optimizations)
     for spec in ctx.facts.weights.values():
-        spec.dtype = weight_dtype(spec.name, policy)
+        spec.dtype = weight_dtype(spec.role, policy)
     for spec in ctx.facts.state.values():
         spec.dtype = policy.kv_cache
     for node in gm.graph.nodes:
@@ -109,5 +135,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             partial = node.meta.get(PLACEMENT, REPLICATED).partial
             dtype = policy.partial_sums if partial else policy.activations
             node.meta[PRECISION] = Precision(dtype, _fidelity(node, policy))
+    ctx.facts.precision = {"mode": ctx.options.optimizations, "policy": dataclasses.asdict(policy),
+                           "rules": reasons}
     ctx.counters["precision.weights"] = len(ctx.facts.weights)
     return gm

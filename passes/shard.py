@@ -10,6 +10,8 @@ Guarantees: every weight and cache has a Placement and the graph is per chip:
   size zero-padded to split evenly in tiles (or to PAD_MLP_CORES cores per chip);
 - the LM head is column-parallel over a padded vocabulary, followed by an all_gather;
 - residuals, norms, embeddings and rope tables are replicated.
+Node placements follow from these weight and cache placements: compiler/placement.py,
+which the pipeline re-runs after every pass.
 On a TG mesh the tensor-parallel group is all 32 chips (both axes, row-major), so every
 reduction is an all_reduce on axis 1 then on axis 0. On one chip it only annotates.
 
@@ -23,12 +25,13 @@ from __future__ import annotations
 import torch.fx
 
 from compiler import dialect
-from compiler.facts import LAYER, PLACEMENT, REPLICATED, Placement
-from models_ref import ops as ref
+from compiler.facts import LAYER, Placement
+from models_ref.names import Role
 
 from .head_plan import padded_size, plan_heads
 
 NAME = "shard"
+_QKV_PARTS = ((Role.WQ, Role.BQ), (Role.WK, Role.BK), (Role.WV, Role.BV))
 
 
 def _select(recipe, dim: int, head_dim: int, heads) -> list:
@@ -66,15 +69,15 @@ def _shard_attention(gm, ctx, plan, axes) -> None:
                 if attr is None:
                     continue
                 spec = weights[attr.target]
-                rq, rk, rv = spec.recipe[2]
+                rq, rk, rv = (spec.part(*roles).recipe for roles in _QKV_PARTS)
                 parts = []
                 for q_heads, kv_heads in zip(plan.q_heads, plan.kv_heads):
                     parts += [_select(rq, 1, hd, q_heads), _select(rk, 1, hd, kv_heads),
                               _select(rv, 1, hd, kv_heads)]
-                spec.recipe = ["concat", 1, parts]
+                spec.recipe, spec.fused = ["concat", 1, parts], ()  # now per chip, not [q|k|v]
                 spec.shape = (spec.shape[0], plan.chips * (plan.local_q + 2 * plan.local_kv) * hd)
                 _column(spec, axes, 1)
-        elif node.target is dialect.linear and node.args[1].target.endswith("attention.wo.weight"):
+        elif node.target is dialect.linear and weights[node.args[1].target].role is Role.WO:
             spec = weights[node.args[1].target]
             spec.recipe = ["concat", 0, [_select(spec.recipe, 0, hd, q) for q in plan.q_heads]]
             spec.shape = (plan.chips * plan.local_q * hd, spec.shape[1])
@@ -100,15 +103,15 @@ def _shard_mlp(gm, ctx, chips, axes) -> None:
         if node.target is dialect.gated_mlp:
             for w in node.args[1:]:
                 _pad(weights[w.target], 1, hidden, axes)
-        elif node.target is dialect.linear and node.args[1].target.endswith("feed_forward.w2.weight"):
+        elif node.target is dialect.linear and weights[node.args[1].target].role is Role.W2:
             _pad(weights[node.args[1].target], 0, hidden, axes)
             _reduce_after(gm, node, axes)
 
 
 def _shard_lm_head(gm, ctx, chips, axes) -> None:
     for node in list(gm.graph.nodes):
-        if node.target is dialect.linear and node.args[1].target == "output.weight":
-            spec = ctx.facts.weights["output.weight"]
+        if node.target is dialect.linear and ctx.facts.weights[node.args[1].target].role is Role.LM_HEAD:
+            spec = ctx.facts.weights[node.args[1].target]
             _pad(spec, 1, padded_size(ctx.cfg.vocab_size, chips), axes)
             users, last = list(node.users), node
             for axis in reversed(axes):  # innermost axis first: chip order is row-major
@@ -116,49 +119,6 @@ def _shard_lm_head(gm, ctx, chips, axes) -> None:
                 last = _insert_after(gm, last, dialect.all_gather, (last, 3, axis, size))
             for user in users:
                 user.replace_input_with(node, last)
-
-
-# Ops whose output is split by heads when their inputs are (or by hidden units: gated_mlp).
-_HEAD_OPS = (dialect.qkv_heads, dialect.gated_mlp, ref.merge_heads, ref.rotary,
-             ref.causal_attention, ref.decode_attention, ref.update_cache, ref.fill_cache,
-             dialect.paged_fill_cache, dialect.paged_update_cache, dialect.chunked_attention,
-             dialect.paged_decode_attention)
-
-
-# How each op's output placement follows from its inputs'.
-def _placement_of(node, facts, decode: bool) -> Placement:
-    if node.op == "get_attr":
-        spec = facts.weights.get(node.target) or facts.state.get(node.target)
-        return spec.placement
-    if node.op != "call_function":
-        return REPLICATED
-    if node.target is dialect.all_reduce and any(u.target is dialect.all_reduce for u in node.users):
-        return Placement(None, (node.args[1],), partial=True)  # summed over one axis of two
-    if node.target in dialect.COLLECTIVES:
-        return REPLICATED
-    ins = [a.meta.get(PLACEMENT, REPLICATED) for a in node.args if isinstance(a, torch.fx.Node)]
-    if node.target is dialect.linear:
-        w = node.args[1].meta[PLACEMENT]
-        if w.dim == 0:
-            return Placement(None, w.axes, partial=True)
-        return Placement(3, w.axes) if w.dim == 1 else REPLICATED
-    if node.target in dialect.SIDE_EFFECTS:  # cache writes return the cache, as placed
-        return _placement_of(node.args[0], facts, decode)
-    if node.target in _HEAD_OPS:
-        sharded = [p for p in ins if p.dim is not None]
-        if not sharded:
-            return REPLICATED
-        if node.target in (dialect.gated_mlp, ref.merge_heads):
-            return Placement(3, sharded[0].axes)
-        return Placement(2 if decode else 1, sharded[0].axes)  # heads: [1,B,H,hd] / [1,H,S,hd]
-    return ins[0] if ins else REPLICATED
-
-
-def annotate(gm, facts, decode: bool) -> None:
-    """Set PLACEMENT on every node from the weights' and caches' placements. Later passes
-    that add nodes call it again."""
-    for node in gm.graph.nodes:
-        node.meta[PLACEMENT] = _placement_of(node, facts, decode)
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
@@ -171,5 +131,4 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         ctx.counters["shard.padded_q_heads"] = plan.padded_q
         ctx.counters["shard.collectives"] = sum(
             1 for n in gm.graph.nodes if n.target in dialect.COLLECTIVES)
-    annotate(gm, ctx.facts, ctx.decode)
     return gm

@@ -103,12 +103,17 @@ def _generate_with_progress(session, prompts, keywords):
 
 
 def main(argv=None) -> int:
+    from compiler.errors import EXIT_USER, missing_dependency
+
     args = build_parser().parse_intermixed_args(argv)  # prompt texts may follow the options
     try:
         return _run(args)
+    except ModuleNotFoundError as e:  # the user's environment, not a crash
+        print(f"ttrun: error: {missing_dependency(e, 'ttrun')}", file=sys.stderr)
+        return EXIT_USER
     except ValueError as e:
         print(f"ttrun: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     except KeyboardInterrupt:
         return 130
 

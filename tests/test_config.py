@@ -165,7 +165,8 @@ BAD_HF = {
     "missing vocab_size": (dict(vocab_size=_DROP), ["missing field 'vocab_size'"]),
     "heads wrong type": (dict(num_attention_heads="28"), ["num_attention_heads", "positive integer"]),
     "inconsistent head_dim": (dict(head_dim=96), ["head_dim 96", "28 heads", "hidden_size 3584"]),
-    "odd head_dim": (dict(head_dim=127, architectures=["LlamaForCausalLM"], model_type="llama"),
+    "odd head_dim": (dict(head_dim=127, architectures=["LlamaForCausalLM"], model_type="llama",
+                          sliding_window=_DROP, use_sliding_window=_DROP, max_window_layers=_DROP),
                      ["head_dim 127", "even"]),
     "hidden not divisible by heads": (dict(hidden_size=3590), ["hidden_size 3590", "not divisible", "28"]),
     "heads not a multiple of kv heads": (dict(num_key_value_heads=3), ["(28)", "not a multiple", "(3)"]),
@@ -180,9 +181,9 @@ BAD_HF = {
     "rope original not an integer": (dict(rope_scaling={"type": "yarn", "factor": 4.0,
                                                         "original_max_position_embeddings": 0.5}),
                                      ["original_max_position_embeddings", "positive integer"]),
-    "unknown architecture": (dict(architectures=["MistralForCausalLM"], model_type="mistral"),
-                             ["unknown architecture", "MistralForCausalLM"]),
-    "not silu": (dict(hidden_act="gelu"), ["hidden_act 'gelu'"]),
+    "unknown architecture": (dict(architectures=["GemmaForCausalLM"], model_type="gemma"),
+                             ["unknown architecture", "GemmaForCausalLM"]),
+    "not silu": (dict(hidden_act="gelu"), ["'hidden_act' = 'gelu'"]),
 }
 
 

@@ -19,8 +19,9 @@ from torch.fx.node import _get_qualified_name
 
 from compiler import dialect
 from compiler.context import PassContext
+from compiler.errors import CompileError, InternalCompilerError
 from compiler.convert import RecipeEvaluator
-from compiler.facts import LAYER, PRECISION, VAL, GraphFacts, StateSpec, WeightSpec
+from compiler.facts import LAYER, PRECISION, VAL, GraphFacts, StateSpec, WeightSpec, weight_spec
 from compiler.options import CompileOptions
 from compiler.pipeline import ORDER_CONSTRAINTS, PASS_NAMES, PIPELINE, Observer, run_pipeline
 from compiler.shapes import propagate
@@ -30,6 +31,7 @@ from compiler.verify import verify
 from models_ref import ops as ref
 from models_ref.config import ModelConfig
 from models_ref.modules import RMSNorm
+from models_ref.names import role_of
 from passes import canonicalize, fuse_mlp, fuse_qkv, precision
 from passes.util import layer_of_name
 
@@ -126,6 +128,14 @@ def assert_same_outputs(before, after, atol=1e-5, rtol=1e-5):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+def spec_for(name: str, shape, recipe: list) -> WeightSpec:
+    """The spec trace would make (role from the name table); names the table lacks (an
+    MLP bias, which configs cannot ask for) get no role, as the passes must tolerate."""
+    if role_of(name):
+        return weight_spec(name, shape, recipe)
+    return WeightSpec(name, tuple(shape), recipe, layer=layer_of_name(name))
+
+
 class GraphBuilder:
     """A canonical-dialect graph built node by node, with its weight table and real weights.
 
@@ -165,29 +175,28 @@ class GraphBuilder:
     def weight(self, name: str, k: int, n: int) -> torch.fx.Node:
         """A linear weight `[K, N]` read from an `[N, K]` checkpoint tensor."""
         self.sources[name] = self._random((n, k))
-        self.ctx.facts.weights[name] = WeightSpec(name, (k, n), ["transpose", ["source", name]],
-                                                  layer=layer_of_name(name))
+        self.ctx.facts.weights[name] = spec_for(name, (k, n), ["transpose", ["source", name]])
         return self._get_attr(name)
 
     def bias(self, name: str, n: int) -> torch.fx.Node:
         self.sources[name] = self._random((n,))
-        self.ctx.facts.weights[name] = WeightSpec(name, (1, n), ["reshape", [1, -1], ["source", name]],
-                                                  layer=layer_of_name(name))
+        self.ctx.facts.weights[name] = spec_for(name, (1, n), ["reshape", [1, -1], ["source", name]])
         return self._get_attr(name)
 
     def vector(self, name: str, n: int) -> torch.fx.Node:
         """A 1-D weight (norms), near one."""
         self.sources[name] = self._random((n,), offset=1.0)
-        self.ctx.facts.weights[name] = WeightSpec(name, (n,), ["source", name], layer=layer_of_name(name))
+        self.ctx.facts.weights[name] = spec_for(name, (n,), ["source", name])
         return self._get_attr(name)
 
     def table(self, name: str, rows: int, dim: int) -> torch.fx.Node:
         self.sources[name] = self._random((rows, dim))
-        self.ctx.facts.weights[name] = WeightSpec(name, (rows, dim), ["source", name], layer=layer_of_name(name))
+        self.ctx.facts.weights[name] = spec_for(name, (rows, dim), ["source", name])
         return self._get_attr(name)
 
     def state(self, name: str, shape) -> torch.fx.Node:
-        self.ctx.facts.state[name] = StateSpec(name, tuple(shape), layer=layer_of_name(name))
+        role, layer = role_of(name)
+        self.ctx.facts.state[name] = StateSpec(name, tuple(shape), layer=layer, role=role)
         return self._get_attr(name)
 
     def call(self, fn, *args, layer: int | None = 0) -> torch.fx.Node:
@@ -335,7 +344,7 @@ def _traced_tiny_net():
     gm = torch.fx.symbolic_trace(module)
     ctx = make_ctx()
     for name, p in module.named_parameters():
-        ctx.facts.weights[name] = WeightSpec(name, tuple(p.shape), ["source", name], layer=layer_of_name(name))
+        ctx.facts.weights[name] = spec_for(name, p.shape, ["source", name])
     ctx.example_inputs = {"x": torch.empty(1, 1, 8, 16, device="meta"),
                           "unused": torch.empty(1, device="meta")}
     propagate(gm, ctx.facts, ctx.example_inputs)
@@ -503,32 +512,41 @@ _W = {ATTN: ("layers.0.attention.wqkv.weight", "layers.0.attention.wo.weight"),
       MLP13: ("layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w3.weight"),
       MLP2: ("layers.0.feed_forward.w2.weight",)}
 
+def _seed(name: str) -> ModelConfig:
+    from models_ref.config import load_config, seed_model_dirs
+    return load_config(seed_model_dirs()[name])
+
+
 PRECISION_CASES = [
-    # (model name, mode, expected dtypes by role, activations)
-    ("tiny-test", "performance",
+    # (model facts: a config whose family and size the policy reads, mode, dtypes by role, activations)
+    ("tiny-llama", "performance",
      {ATTN: "bfloat8_b", MLP13: "bfloat4_b", MLP2: "bfloat8_b", KV: "bfloat8_b"}, "bfloat16"),
-    ("tiny-test", "accuracy",
+    ("tiny-llama", "accuracy",  # below 1B parameters: no Llama rule (SmolLM2 is such a model)
      {ATTN: "bfloat16", MLP13: "bfloat8_b", MLP2: "bfloat8_b", KV: "bfloat16"}, "bfloat16"),
-    ("Llama-3.2-1B-Instruct", "accuracy",
+    ("llama3.2-1b", "accuracy",
      {ATTN: "bfloat8_b", MLP13: "bfloat8_b", MLP2: "bfloat8_b", KV: "bfloat8_b"}, "bfloat16"),
-    ("Llama3.1-8B", "performance",
+    ("llama3.1-8b", "performance",
      {ATTN: "bfloat8_b", MLP13: "bfloat4_b", MLP2: "bfloat8_b", KV: "bfloat8_b"}, "bfloat16"),
-    ("Qwen2.5-7B-Instruct", "performance",
+    ("qwen2.5-7b", "performance",
      {ATTN: "bfloat16", MLP13: "bfloat4_b", MLP2: "bfloat8_b", KV: "bfloat16"}, "bfloat16"),
-    ("Llama-3.1-70B-Instruct", "accuracy",
+    ("qwen2.5-72b", "performance",
      {ATTN: "bfloat8_b", MLP13: "bfloat4_b", MLP2: "bfloat8_b", KV: "bfloat8_b"}, "bfloat16"),
-    ("SmolLM2-135M", "accuracy",
-     {ATTN: "bfloat16", MLP13: "bfloat8_b", MLP2: "bfloat8_b", KV: "bfloat16"}, "bfloat16"),
-    ("Llama-3.2-1B", "float32",
+    ("llama3.1-70b", "accuracy",
+     {ATTN: "bfloat8_b", MLP13: "bfloat4_b", MLP2: "bfloat8_b", KV: "bfloat8_b"}, "bfloat16"),
+    ("qwen2.5-72b", "accuracy",
+     {ATTN: "bfloat16", MLP13: "bfloat4_b", MLP2: "bfloat8_b", KV: "bfloat16"}, "bfloat16"),
+    ("llama3.2-1b", "float32",
      {ATTN: "float32", MLP13: "float32", MLP2: "float32", KV: "float32"}, "float32"),
 ]
 
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
-@pytest.mark.parametrize("name,optimizations,expected,activations", PRECISION_CASES,
+@pytest.mark.parametrize("facts,optimizations,expected,activations", PRECISION_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in PRECISION_CASES])
-def test_precision_policy(mode, name, optimizations, expected, activations):
-    ctx = make_ctx(mode, optimizations=optimizations, name=name, batch_size=2)
+def test_precision_policy(mode, facts, optimizations, expected, activations):
+    """The policy follows the model's facts (family, size); the graph is the same tiny one."""
+    cfg = TINY if facts == "tiny-llama" else _seed(facts)
+    ctx = make_ctx(mode, optimizations=optimizations, batch_size=2, cfg=cfg)
     b, gm = build_fused_layer(ctx)
     verify(gm, ctx, after="build", precise=False)
     state = {n: torch.randn(s.shape) for n, s in ctx.facts.state.items()}
@@ -554,6 +572,17 @@ def test_precision_policy(mode, name, optimizations, expected, activations):
                                             "HiFi4" if optimizations == "float32" else "HiFi2")
     assert str(gm.graph) == text  # annotations only
     assert_same_outputs(before, b.run(gm, state=state), atol=0, rtol=0)
+    assert ctx.facts.precision["policy"]["attention"] == expected[ATTN]
+
+
+def test_precision_ignores_the_model_name():
+    """Same facts under names that used to select other policies: same dtypes."""
+    chosen = set()
+    for name in ("Qwen2.5-7B-Instruct", "Llama-3.1-70B", "my-model"):
+        for mode in ("performance", "accuracy"):
+            policy, _ = precision.choose_policy(_seed("llama3.1-8b").replace(name=name), mode)
+            chosen.add((mode, policy))
+    assert len(chosen) == 2
 
 
 # ============================================================================ the pipeline
@@ -631,12 +660,30 @@ def test_pipeline_print_after_one_pass_and_dump(tmp_path):
     assert (tmp_path / "decode_03_fuse_mlp.txt").read_text() == observer.printed[0]
 
 
-def test_pipeline_names_the_failing_pass(monkeypatch):
+def test_pipeline_names_the_failing_pass_and_node(monkeypatch):
+    """A crash inside a pass is the compiler's bug: an InternalCompilerError naming the
+    pass and the node it was working on, not a ValueError blamed on the user."""
     gm, ctx = traced("prefill")
 
     def broken(gm, ctx):
-        raise KeyError("boom")
+        for node in gm.graph.nodes:
+            if node.target is dialect.gated_mlp or node.target is dialect.mul:
+                raise ValueError("boom")
 
     monkeypatch.setattr(fuse_mlp, "run", broken)
-    with pytest.raises(RuntimeError, match="pass 'fuse_mlp' failed on the prefill graph"):
+    with pytest.raises(InternalCompilerError) as info:
+        run_pipeline(gm, ctx, Observer(verify=True))
+    assert not isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert "pass 'fuse_mlp' (prefill)" in message and "node %mul" in message and "bug in ttcompile" in message
+
+
+def test_a_user_error_inside_a_pass_stays_the_users(monkeypatch):
+    gm, ctx = traced("prefill")
+
+    def refuses(gm, ctx):
+        raise CompileError("does not fit")
+
+    monkeypatch.setattr(fuse_mlp, "run", refuses)
+    with pytest.raises(CompileError, match="does not fit"):
         run_pipeline(gm, ctx, Observer(verify=True))

@@ -53,7 +53,7 @@ def test_linear_weight_shape_mismatch():
     spec = ctx.facts.weights[w2.target]
     spec.shape = spec.shape[::-1]
     w2.meta[VAL] = torch.empty(spec.shape, device="meta")
-    with pytest.raises(VerifyError, match=r"after broken \(prefill\): node %linear_2: linear: input"):
+    with pytest.raises(VerifyError, match=r"after pass 'broken' \(prefill\), node %linear_2: linear: input"):
         verify(gm, ctx, after="broken", precise=False)
 
 
@@ -212,7 +212,32 @@ def test_two_outputs():
 
 
 def test_precision_facts_are_typed():
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="float16"):
         Precision("float16")
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="HiFi5"):
         Precision("bfloat16", "HiFi5")
+
+
+def test_the_verifier_works_under_python_O():
+    """Checks are raises, not asserts: `python -O` (which strips asserts) still catches a
+    broken graph, and the error is a compiler bug (exit 3), not the user's ValueError."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import pytest\n"
+        "from test_verify import _mlp, _node\n"
+        "from compiler import dialect\n"
+        "from compiler.verify import verify, VerifyError\n"
+        "from compiler.errors import InternalCompilerError\n"
+        "gm, ctx = _mlp()\n"
+        "node = _node(gm, dialect.add, 0)\n"
+        "node.meta.pop('tt_layer')\n"
+        "try:\n"
+        "    verify(gm, ctx, after='broken', precise=False)\n"
+        "except VerifyError as e:\n"
+        "    assert isinstance(e, InternalCompilerError) and not isinstance(e, ValueError)\n"
+        "    print('caught', e.node)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True,
+                         cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("caught add"), out.stdout
