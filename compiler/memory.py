@@ -4,9 +4,10 @@ program.json read it."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from models_ref.names import NORMS, Role
+from runtime import schedule
 from runtime.blockfloat import bytes_for
 
 GB = 1 << 30  # as compiler.targets: "12 GB" is 12 x 2**30 bytes
@@ -53,9 +54,8 @@ class MemoryPlan:
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
     kv_bytes_per_token: int = 0  # per chip, all layers, K and V
     kv_pool_tokens: int = 0  # token slots of a page pool of a given size (--max-num-blocks)
-    # A pool paged_kv sizes itself (no --max-num-blocks): max(default blocks, one user's
-    # page-table row + 1) blocks of kv_block_size tokens, so it follows the context.
-    kv_pool_default_blocks: int = 0
+    # A pool paged_kv sizes itself (no --max-num-blocks): runtime.schedule.pool_blocks of
+    # the context, in blocks of kv_block_size tokens, so it follows the context.
     kv_block_size: int = 0
     rope_bytes_per_position: int = 0
     activation_base: int = 0  # prefill peak = max over program points of base + per_row x S
@@ -76,9 +76,8 @@ class MemoryPlan:
 
     def pool_tokens(self, context: int) -> int:
         """Token slots of the page pool the program allocates for this context (0: none)."""
-        if self.kv_pool_default_blocks:
-            blocks = max(self.kv_pool_default_blocks, -(-context // self.kv_block_size) + 1)
-            return blocks * self.kv_block_size
+        if self.kv_block_size:
+            return schedule.pool_blocks(None, context, self.kv_block_size) * self.kv_block_size
         return self.kv_pool_tokens
 
     def kv_tokens(self, context: int) -> int:
@@ -124,6 +123,7 @@ class MemoryPlan:
 
     @classmethod
     def from_json(cls, data: dict) -> "MemoryPlan":
-        data = {k: v for k, v in data.items() if k != "summary"}
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # "summary" is derived
         data["activation_points"] = [tuple(p) for p in data.get("activation_points", [])]
         return cls(**data)

@@ -19,9 +19,20 @@ from .fields import HF_FIELDS, META_FIELDS, FieldRefused, check_fields
 SEED_CONFIG_DIR = Path(__file__).with_name("seed_configs")
 
 
-def seed_model_dirs() -> dict[str, Path]:
-    """Seed model name -> its config folder."""
+# The reference implementation's nine models (its README's support list); the folder also
+# holds public configs of other families this project adds (Qwen3, Mistral).
+SEED_MODELS = ("deepseek-r1-distill-llama-70b", "llama3.1-70b", "llama3.1-8b", "llama3.2-11b-vision",
+               "llama3.2-1b", "llama3.2-3b", "qwen2.5-72b", "qwen2.5-7b", "qwq-32b")
+
+
+def public_config_dirs() -> dict[str, Path]:
+    """Every shipped public config: name -> its folder."""
     return {p.name: p for p in sorted(SEED_CONFIG_DIR.iterdir()) if p.is_dir()}
+
+
+def seed_model_dirs() -> dict[str, Path]:
+    """The seed's nine models: name -> config folder."""
+    return {name: path for name, path in public_config_dirs().items() if name in SEED_MODELS}
 
 
 class ConfigError(ValueError):

@@ -56,15 +56,15 @@ from compiler import dialect
 from compiler.facts import LAYER, VAL
 from compiler.memory import CROSS_ATTENTION, GB, MemoryPlan, device_bytes, weight_category
 from compiler.trace import ALT_SEQ_ROWS
+from runtime import schedule
 from runtime.blockfloat import bytes_for
 
 from .head_plan import plan_heads
 
 NAME = "memory_plan"
 
-MIN_CHUNK = 128  # the smallest prefill the reference pads to
+MIN_CHUNK = schedule.MIN_PREFILL_ROWS  # the smallest prefill the runtime runs
 MIN_CONTEXT_CHUNK = 4096  # the chunk kept free when the context is decided (the seed's smallest)
-PREFILL_STEP = 2048  # prefill pads above 2048 rows to multiples of 2048
 
 
 # ---------------------------------------------------------------- weights and caches
@@ -123,8 +123,6 @@ def _account_state(plan: MemoryPlan, ctx) -> None:
     if not (getattr(ctx.options, "paged_attention", False) and slots):
         return
     if getattr(ctx.options, "max_num_blocks", None) is None:  # paged_kv sized the pool for the context
-        from . import paged_kv
-        plan.kv_pool_default_blocks = getattr(paged_kv, "DEFAULT_POOL_BLOCKS", 1024)
         plan.kv_block_size = ctx.options.block_size
     else:
         plan.kv_pool_tokens = max(slots)
@@ -197,12 +195,6 @@ def _collectives_per_layer(gm) -> int:
 
 
 # ---------------------------------------------------------------- decisions
-def _round_context(tokens: int) -> int:
-    if tokens >= 2 * PREFILL_STEP:
-        return tokens // PREFILL_STEP * PREFILL_STEP
-    return 1 << max(int(math.log2(max(tokens, 1))), 0)
-
-
 def _largest_context(plan: MemoryPlan, chunk: int) -> int:
     """Largest context (tokens per user, at most the model's) that fits beside a
     `chunk`-row prefill; 0 if none does. total_bytes grows with the context."""
@@ -216,16 +208,8 @@ def _largest_context(plan: MemoryPlan, chunk: int) -> int:
     return low
 
 
-def _chunks_up_to(limit: int) -> list[int]:
-    out, c = [], MIN_CHUNK
-    while c <= limit:
-        out.append(c)
-        c *= 2
-    return out
-
-
 def _largest_chunk(plan: MemoryPlan, context: int) -> int:
-    fitting = [c for c in _chunks_up_to(max(context, MIN_CHUNK)) if plan.fits(context, c)]
+    fitting = [c for c in schedule.chunk_candidates(max(context, MIN_CHUNK)) if plan.fits(context, c)]
     return fitting[-1] if fitting else 0
 
 
@@ -257,10 +241,12 @@ def estimate_on(plan: MemoryPlan, ctx, target) -> int:
 
 
 def _suggest_targets(plan: MemoryPlan, ctx) -> list[str]:
+    """Targets of the same chip architecture (the hardware the user has) that would hold it."""
     from compiler.targets import TARGETS
 
     return [name for name, target in TARGETS.items()
-            if name != plan.target and estimate_on(plan, ctx, target) <= target.dram_bytes_per_chip]
+            if name != plan.target and target.arch == ctx.target.arch
+            and estimate_on(plan, ctx, target) <= target.dram_bytes_per_chip]
 
 
 def decide(plan: MemoryPlan, ctx, requested_context: int | None, requested_chunk: int | None) -> None:
@@ -278,12 +264,13 @@ def decide(plan: MemoryPlan, ctx, requested_context: int | None, requested_chunk
                             f"use --max-num-blocks {fit} or fewer")
             return
         others = _suggest_targets(plan, ctx)
-        hint = f"; use {' or '.join(others)}" if others else "; no target in this version holds it"
+        hint = (f"; use {' or '.join(others)}" if others else
+                f"; no {ctx.target.arch} target in this version holds it")
         plan.refusal = f"{name} needs about {_gb(need)} GB per chip on {target}, which has {dram} GB per chip{hint}"
         return
     largest = _largest_context(plan, min(MIN_CONTEXT_CHUNK, plan.model_max_context))
     if largest < plan.model_max_context:
-        largest = _round_context(largest) if largest >= MIN_CHUNK else _largest_context(plan, MIN_CHUNK)
+        largest = schedule.round_context(largest) if largest >= MIN_CHUNK else _largest_context(plan, MIN_CHUNK)
     plan.max_context = largest
     context = plan.max_context if requested_context is None else requested_context
     if requested_context is not None and not plan.fits(context, MIN_CHUNK):

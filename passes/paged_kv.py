@@ -19,6 +19,7 @@ import torch.fx
 
 from compiler import dialect
 from compiler.errors import CompileError
+from runtime import schedule
 from models_ref import ops as ref
 
 from .util import replace
@@ -36,22 +37,6 @@ def add_placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
         return gm.graph.placeholder(name)
 
 
-DEFAULT_POOL_BLOCKS = 1024  # the seed's PagedAttentionConfig default
-
-
-def pool_blocks(requested: int | None, per_user: int, max_seq_len: int, block_size: int) -> int:
-    """The pool must hold more blocks than one page-table row (ttnn's paged ops require
-    max_num_blocks_per_seq < max_num_blocks); by default it grows to allow that."""
-    if requested is None:
-        return max(DEFAULT_POOL_BLOCKS, per_user + 1)
-    if requested <= per_user:
-        raise CompileError(
-            f"--max-num-blocks {requested} cannot hold one user: max-seq-len {max_seq_len} needs "
-            f"{per_user} blocks of {block_size} tokens and ttnn needs a larger pool than a page-table "
-            f"row; use --max-num-blocks {per_user + 1} or more, or a smaller --max-seq-len")
-    return requested
-
-
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     if not ctx.options.paged_attention:
         return gm
@@ -59,7 +44,10 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     if ctx.max_seq_len % bs:
         raise CompileError(f"max-seq-len {ctx.max_seq_len} is not a multiple of --block-size {bs}")
     per_user = ctx.max_seq_len // bs
-    blocks = pool_blocks(ctx.options.max_num_blocks, per_user, ctx.max_seq_len, bs)
+    try:  # the runtime's rule (runtime/schedule.py), so the pool is what it allocates from
+        blocks = schedule.pool_blocks(ctx.options.max_num_blocks, ctx.max_seq_len, bs)
+    except schedule.PoolTooSmall as e:
+        raise CompileError(str(e)) from None
     ctx.counters["paged_kv.pool_blocks"] = blocks
     for spec in ctx.facts.state.values():
         _, kv_heads, _, head_dim = spec.shape

@@ -5,7 +5,9 @@ import time
 
 import numpy as np
 
+from . import schedule
 from .sampling import sample
+from .stats import Stats
 
 
 def _encode(session, prompts, instruct):
@@ -23,8 +25,6 @@ def _encode(session, prompts, instruct):
 
 def generate(session, prompts, max_generated_tokens, temperature, top_p, seed, stop_at_eos,
              instruct, on_token=None) -> list:
-    from .session import Stats
-
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
@@ -53,8 +53,7 @@ def generate(session, prompts, max_generated_tokens, temperature, top_p, seed, s
 
 
 def _reservation(session, ids, max_new) -> int:
-    from .session import prefill_rows
-    return min(max(prefill_rows(len(ids)), len(ids) + max_new), session.max_seq_len)
+    return schedule.reservation(len(ids), max_new, session.max_seq_len)
 
 
 def _batches(session, encoded, max_new):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import schedule
+
 
 class PagePoolExhausted(ValueError):
     pass
@@ -29,7 +31,7 @@ class PageAllocator:
         return len(self._free)
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return schedule.blocks_for(tokens, self.block_size)
 
     def fits(self, tokens: int) -> bool:
         return self.blocks_for(tokens) <= min(self.free_blocks, self.blocks_per_user)

@@ -5,8 +5,6 @@ This module never imports torch: the emulator backend does, when it is chosen.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +12,9 @@ import numpy as np
 
 from lowering.program import Program
 
-from .sampling import sample
+from . import schedule
+from .generator import generate
+from .stats import Stats
 
 TILE = 32
 BACKENDS = ("emulator", "ttnn")
@@ -22,50 +22,6 @@ BACKENDS = ("emulator", "ttnn")
 
 class ArtifactError(ValueError):
     pass
-
-
-@dataclass
-class Stats:
-    time_to_first_token_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0
-    users: int = 0
-    generated_tokens: int = 0
-
-    @property
-    def tokens_per_s_per_user(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        total = self.prefill_s + self.decode_s
-        return self.generated_tokens / total if total else 0.0
-
-    def summary(self) -> str:
-        return (f"time to first token {self.time_to_first_token_s * 1000:.0f} ms, "
-                f"{self.tokens_per_s_per_user:.1f} tokens/s/user, {self.tokens_per_s:.1f} tokens/s total "
-                f"({self.users} users, {self.generated_tokens} tokens)")
-
-
-def prefill_rows(length: int) -> int:
-    """Pad a prompt as the reference does: to 128, then to a power of two below 2048 and to
-    a multiple of 2048 above it (ttnn's prefill kernels take these shapes)."""
-    if length <= 128:
-        return 128
-    power = 1 << (length - 1).bit_length()
-    return min(power, -(-length // 2048) * 2048)
-
-
-def prefill_chunk(rows: int, max_chunk: int, block_size: int) -> int:
-    """The chunk a padded prompt of `rows` is prefilled in: the largest power-of-two
-    fraction of `max_chunk` that divides `rows` (rows are 128 * 2^k or multiples of 2048)."""
-    chunk = min(max_chunk, rows)
-    while rows % chunk or chunk % block_size:
-        chunk //= 2
-        if chunk < block_size:
-            raise ValueError(f"cannot split a {rows}-row prefill into chunks of at most {max_chunk}")
-    return chunk
 
 
 def read_artifact(path: str | Path) -> tuple[Program, dict]:
@@ -163,7 +119,7 @@ class Session:
         """Prefill one user (chunk by chunk when the prompt is longer than the largest
         prefill chunk); returns the logits [V] at its last prompt position."""
         self._check_length(len(token_ids))
-        rows = min(prefill_rows(len(token_ids)), self.max_seq_len)
+        rows = min(schedule.prefill_rows(len(token_ids)), self.max_seq_len)
         tokens = np.zeros((1, rows), dtype=np.int64)
         tokens[0, : len(token_ids)] = token_ids
         last = len(token_ids) - 1
@@ -172,7 +128,7 @@ class Session:
         block = self.program.options["block_size"]
         self.pages.reserve(user_id, rows)  # the padded rows are written too
         row = self.pages.row(user_id)
-        chunk = prefill_chunk(rows, self.max_prefill_chunk, block)
+        chunk = schedule.prefill_chunk(rows, self.max_prefill_chunk, block)
         for start in range(0, rows, chunk):
             inputs = {"page_table": row[None], "chunk_page_table": row[None, start // block:(start + chunk) // block]}
             logits = self._prefill_call(tokens[:, start:start + chunk], start, last, {"chunk_start": start}, inputs)
@@ -231,7 +187,6 @@ class Session:
     def generate(self, prompts, max_generated_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
                  instruct: bool | None = None, on_token=None) -> list:
-        from .generator import generate
         return generate(self, prompts, max_generated_tokens, temperature, top_p, seed,
                         stop_at_eos, instruct, on_token)
 

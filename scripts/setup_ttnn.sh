@@ -33,7 +33,7 @@ installed() {
   [ -f "$MARKER" ] && [ ! pyproject.toml -nt "$MARKER" ] && "$VENV/bin/python" - "$TTNN_VERSION" <<'EOF' 2>/dev/null
 import importlib.metadata as m, importlib.util as u, sys
 assert m.version("ttnn") == sys.argv[1]
-for name in ("numpy", "ml_dtypes", "safetensors", "tokenizers", "jinja2", "tiktoken", "runtime.ttnn_backend"):
+for name in ("numpy", "ml_dtypes", "safetensors", "tokenizers", "jinja2", "tiktoken", "PIL", "runtime.ttnn_backend"):
     assert u.find_spec(name), name
 assert u.find_spec("torch") is None, "torch must not be in .venv-ttnn"
 EOF
@@ -57,7 +57,7 @@ if ! installed; then
     rm -rf "$VENV"
     "$(find_python312)" -m venv "$VENV"
   fi
-  pip_install "ttnn==$TTNN_VERSION" numpy ml_dtypes safetensors tokenizers jinja2 tiktoken
+  pip_install "ttnn==$TTNN_VERSION" numpy ml_dtypes safetensors tokenizers jinja2 tiktoken pillow
   # The project itself without its dependencies: nothing here may pull torch.
   pip_install --no-deps -e .
   "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is not None)' \

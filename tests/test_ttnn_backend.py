@@ -219,6 +219,28 @@ def test_seed_configs_two_layers_replay_at_full_width(ttnn_python, seed_two_laye
         assert summary["memory_moves"] == [], (name, summary["memory_moves"])
 
 
+@pytest.mark.parametrize("target", ["P150", "P300", "P150X4"])
+def test_blackhole_targets_replay(ttnn_python, tiny_model, smollm2_dir, seed_two_layer_dirs, compile_artifact,
+                                  target):
+    """Blackhole rows of the target table replay on ttnn's Blackhole mocks (public tt-umd
+    cluster descriptors): a tiny Llama with weights, SmolLM2 and two full-width layers of
+    Llama 3.1 8B weight-free; every op issued, zero ttnn errors."""
+    from compiler.targets import TARGETS as COMPILER_TARGETS
+
+    artifacts = {
+        "tiny-llama": compile_artifact(tiny_model("tiny-llama", "llama"), max_seq_len=256, target=target),
+        "SmolLM2": compile_artifact(smollm2_dir, no_weights=True, target=target),
+        "llama3.1-8b x2": compile_artifact(seed_two_layer_dirs["llama3.1-8b"], no_weights=True, target=target,
+                                           max_seq_len=SEED_MAX_SEQ_LEN),
+    }
+    results, stderr = replay_all(ttnn_python, artifacts)
+    assert not failures(results), failures(results)
+    for label, result in results.items():
+        summary = check_replayed(result, stderr, target)
+        assert summary["mesh_shape"] == list(COMPILER_TARGETS[target].mesh_shape)
+        assert summary["l1"]["over_capacity"] == [], (label, summary["l1"]["over_capacity"])
+
+
 @pytest.mark.parametrize("target", ["N150", "TG"])
 def test_later_prefill_chunks_replay(ttnn_python, tiny_model, seed_two_layer_dirs, compile_artifact, target):
     """The runtime prefills long prompts chunk by chunk: a chunk from position 128 (its own

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compiler.targets import TARGETS
 from lowering.optable import OPS
 from lowering.program import Function, Program, is_tensor_ref, resolve_scalar, tensor_name
 
@@ -103,9 +104,6 @@ def matmul_operand(weight_kn: torch.Tensor, compute: torch.dtype) -> torch.Tenso
     return t if t.dtype == compute or t.dtype == torch.float32 else t.to(compute)
 
 
-SYSTEMS = {"N150": (1, 1), "N300": (1, 2), "T3K": (1, 8), "TG": (8, 4)}
-
-
 class EmulatorBackend:
     name = "emulator"
 
@@ -128,13 +126,13 @@ class EmulatorBackend:
         """A program for a smaller mesh runs on a sub-mesh of a larger system (FAKE_DEVICE)."""
         if system is None:
             return self.program.target
-        if system not in SYSTEMS:
-            raise ValueError(f"unknown system '{system}' (choose {', '.join(SYSTEMS)})")
-        rows, cols = SYSTEMS[system]
-        if self.mesh_shape[0] > rows or self.mesh_shape[1] > cols:
-            raise ValueError(f"a {self.program.target} program (mesh {list(self.mesh_shape)}) does "
-                             f"not fit a {system} system (mesh {[rows, cols]})")
-        return system
+        if system.upper() not in TARGETS:
+            raise ValueError(f"unknown system '{system}' (choose {', '.join(TARGETS)})")
+        host, guest = TARGETS[system.upper()], TARGETS[self.program.target]
+        if not host.holds(guest):
+            raise ValueError(f"a {guest.name} program ({guest.arch}, mesh {list(guest.mesh_shape)}) does "
+                             f"not fit a {host.name} system ({host.arch}, mesh {list(host.mesh_shape)})")
+        return host.name
 
     # ------------------------------------------------------------------ loading
     @staticmethod

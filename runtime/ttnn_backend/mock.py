@@ -1,7 +1,8 @@
 """ttnn's mock-cluster mode, prepared by the project: no Tenstorrent card needed.
 
-ttnn 0.81.1 opens N150 / N300 / T3K / Galaxy meshes without hardware when
-`TT_METAL_MOCK_CLUSTER_DESC_PATH` names a UMD cluster descriptor (shipped in `clusters/`).
+ttnn 0.81.1 opens N150 / N300 / T3K / Galaxy and Blackhole P150 / P300 / 4xP150 meshes
+without hardware when `TT_METAL_MOCK_CLUSTER_DESC_PATH` names a UMD cluster descriptor
+(shipped in `clusters/`).
 Every op still JIT-compiles its kernels with the SFPI RISC-V toolchain, which ttnn would
 download from GitHub. `prepare()` writes a stand-in for it instead: a folder that mirrors
 the ttnn package (symlinks) plus `runtime/sfpi/compiler/bin/riscv-tt-elf-g++`, a shell
@@ -26,13 +27,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from compiler.targets import TARGETS
+
 CLUSTERS_DIR = Path(__file__).resolve().parent / "clusters"
-CLUSTER_FILES = {  # target -> descriptor shipped with the project (public tt-cluster-descriptors data)
-    "N150": "n150_cluster_desc.yaml",
-    "N300": "n300_cluster_desc.yaml",
-    "T3K": "t3k_cluster_desc.yaml",
-    "TG": "6u_cluster_desc.yaml",
-}
+# target -> descriptor shipped with the project (public tt-cluster-descriptors / tt-umd data,
+# sources in each file's header), from the target table
+CLUSTER_FILES = {name: t.cluster_descriptor for name, t in TARGETS.items()}
 SFPI_VERSION = "riscv-tt-elf-g++ (tenstorrent/sfpi:7.89.0[1050]) 15.1.0"
 MOCK_ENV = "TTCOMPILE_TTNN_MOCK"  # auto (default) | 1 (always mock) | 0 (never mock)
 MOCK_DIR_ENV = "TTCOMPILE_TTNN_MOCK_DIR"  # where the stand-in runtime is written
@@ -216,6 +216,17 @@ def _chips(descriptor: Path) -> int:
     return count
 
 
+def _arch(descriptor: Path) -> str:
+    """The chips' architecture in a cluster descriptor (its `arch:` map), e.g. wormhole_b0."""
+    lines = descriptor.read_text().splitlines()
+    archs = set()
+    for line in lines[lines.index("arch:") + 1:]:
+        if not line.startswith(" "):
+            break
+        archs.add(line.split(":", 1)[1].strip())
+    return "/".join(sorted(archs))
+
+
 def wants_mock() -> bool:
     choice = os.environ.get(MOCK_ENV, "auto").strip().lower()
     if choice in ("1", "true", "yes", "on"):
@@ -240,6 +251,12 @@ def configure(target: str, quiet: bool = False) -> DeviceMode:
     if current and current == _PROCESS_CLUSTER and current != wanted:
         # ttnn builds its cluster once per process: a smaller target runs on part of it
         # (as a smaller target may run on a larger system); a larger one cannot.
+        have_arch, need_arch = _arch(Path(current)), _arch(Path(wanted))
+        if have_arch != need_arch:  # e.g. a Blackhole program after a Wormhole one
+            raise MockSetupError(
+                f"this process already uses the mock cluster {Path(current).name} ({have_arch}) and ttnn "
+                f"cannot switch clusters within a process; replay the {target} program ({need_arch}) "
+                "in a new process")
         have, need = _chips(Path(current)), _chips(Path(wanted))
         if have < need:
             raise MockSetupError(

@@ -352,6 +352,13 @@ def nlp_concat_heads_decode(c: OpCall, input_tensor, **kw):
     # [1, users, heads (tile-padded), hd], height-sharded: one user's heads per core.
     input_tensor = c.receive(input_tensor, c.memory(USER_SHARDED, input_tensor.shape), "input_tensor")
     kw.pop("memory_config", None)  # its output is width-sharded by heads, as the op decides
+    if len(input_tensor.memory_config().shard_spec.grid.ranges()) > 1:
+        # 32 users on a grid narrower than 32 / 8 rows (Blackhole's 11 or 13 columns) span two
+        # core ranges; ttnn 0.81.1 then takes its sub-core-grid path and needs the grid named.
+        grid = c.mesh.compute_with_storage_grid_size()
+        ttnn = c.ttnn
+        kw["sub_core_grids"] = ttnn.CoreRangeSet(
+            {ttnn.CoreRange(ttnn.CoreCoord(0, 0), ttnn.CoreCoord(grid.x - 1, grid.y - 1))})
     return c.ttnn.experimental.nlp_concat_heads_decode(input_tensor, **kw)
 
 
