@@ -110,9 +110,18 @@ def _rope_rows(lw: Lowering, node):
 
 def _rms_norm(lw: Lowering, node):
     x, weight, eps = node.args
-    lw.result(node, "ttnn.rms_norm", [lw.ref(x)], {
-        "epsilon": eps, "weight": lw.ref(weight),
-        "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+    kwargs = {"epsilon": eps, "weight": lw.ref(weight),
+              "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)}
+    if not (lw.ctx.decode and lw.ctx.facts.weights[weight.target].role in (Role.Q_NORM, Role.K_NORM)):
+        lw.result(node, "ttnn.rms_norm", [lw.ref(x)], kwargs)
+        return
+    # Decode heads are height-sharded, one user per core, which rms_norm does not take:
+    # normalise them interleaved in L1, then shard them again for rotary.
+    shape, dtype = lw.shape_of(node), lw.dtype_of(node)
+    moved, normed = (lw.tensor(lw.out_name(node, s), shape, dtype, node) for s in ("_l1", "_normed"))
+    lw.emit(node, "ttnn.to_memory_config", [lw.ref(x), "L1"], None, [moved])
+    lw.emit(node, "ttnn.rms_norm", ["%" + moved], kwargs, [normed])
+    lw.result(node, "ttnn.to_memory_config", ["%" + normed, "L1_HEIGHT_SHARDED"])
 
 
 def _linear(lw: Lowering, node):

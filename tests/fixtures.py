@@ -12,13 +12,15 @@ TINY_LLAMA = dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2,
 
 
 def hf_config(arch: str = "llama", **overrides):
-    """A transformers config for a tiny Llama or Qwen2 (odd sizes on purpose)."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A transformers config for a tiny Llama, Qwen2, Qwen3 or Mistral (odd sizes on purpose)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     params = {**TINY_LLAMA, "tie_word_embeddings": False, **overrides}
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         params.setdefault("use_sliding_window", False)
-        return Qwen2Config(**params)
+        return (Qwen2Config if arch == "qwen2" else Qwen3Config)(**params)
+    if arch == "mistral":
+        return MistralConfig(**params)
     return LlamaConfig(**params)
 
 
@@ -33,8 +35,8 @@ def make_hf_model(path: Path, arch: str = "llama", seed: int = 0, max_shard_size
     with torch.no_grad():  # larger-than-default weights so that errors are visible
         for p in model.parameters():
             p.normal_(0, 0.08 if p.dim() > 1 else 0.3)
-            if p.dim() == 1 and p.shape[0] == config.hidden_size:
-                p.add_(1.0)  # norms near one
+            if p.dim() == 1 and p.shape[0] in (config.hidden_size, getattr(config, "head_dim", None)):
+                p.add_(1.0)  # norms (and Qwen3's q/k norms over head_dim) near one
     path.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)

@@ -173,3 +173,30 @@ def test_every_program_carries_its_plan(all_results):
     data = json.loads(result.program.dumps())["memory_plan"]
     assert data["target"] == "N300" and data["context"] == result.plan.context
     assert set(data["summary"]["bytes_per_chip"]) >= {"attention", "mlp", "embedding", "kv_cache", "activations"}
+
+
+# Families added beside the seed (Qwen3, Mistral), every target of the table: (context,
+# chunk) in K tokens or None for a refusal. Same planner, same README table.
+ADDED = {
+    "qwen3-4b": ((40, 32), (40, 32), (40, 32), (40, 32), (40, 32), (40, 32), (40, 32)),
+    "qwen3-8b": ((40, 16), (40, 32), (40, 32), (40, 32), (40, 32), (40, 32), (40, 32)),
+    "qwen3-32b": (None, None, (40, 32), (40, 32), (40, 8), (40, 32), (40, 32)),
+    "mistral-7b-v0.1": ((32, 32),) * 7,
+    "mistral-7b-v0.3": ((32, 32),) * 7,
+}
+
+
+def test_added_families_verdicts():
+    from compiler.targets import TARGETS as ALL
+    from models_ref.config import public_config_dirs
+
+    dirs = public_config_dirs()
+    for name, expected_row in ADDED.items():
+        for target, expected in zip(ALL, expected_row):
+            try:
+                result = compile_model(dirs[name], CompileOptions(target=target, no_weights=True))
+                got = (result.plan.context // K, result.plan.prefill_chunk // K)
+            except CompileError as e:
+                assert "GB per chip" in str(e), str(e)
+                got = None
+            assert got == expected, (name, target, got)

@@ -181,14 +181,14 @@ SEED_MAX_SEQ_LEN = 32768  # 1024 blocks of 32 per user: the default pool (see be
 
 @pytest.fixture(scope="session")
 def seed_two_layer_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Each seed model's config.json with two decoder layers (the text decoder's, for
-    Llama 3.2 Vision, without its cross-attention layers): full width, every other
-    field verbatim."""
-    from models_ref.config import seed_model_dirs
+    """Each shipped public config.json (the nine seed models, Qwen3, Mistral) with two
+    decoder layers (the text decoder's, for Llama 3.2 Vision, without its cross-attention
+    layers): full width, every other field verbatim."""
+    from models_ref.config import public_config_dirs
 
     root = tmp_path_factory.mktemp("seed_two_layers")
     out = {}
-    for name, folder in seed_model_dirs().items():
+    for name, folder in public_config_dirs().items():
         config = json.loads((folder / "config.json").read_text())
         text = config["text_config"] if "text_config" in config and "num_hidden_layers" not in config else config
         text["num_hidden_layers"] = 2
@@ -202,9 +202,10 @@ def seed_two_layer_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_seed_configs_two_layers_replay_at_full_width(ttnn_python, seed_two_layer_dirs, compile_artifact, target):
-    """Two decoder layers of every seed model config at full width (hidden 2048 to 8192,
-    their head counts, vocabularies and tied or untied heads), weight-free, on every
-    target: zero ttnn errors, every op issued, no op over a core's L1."""
+    """Two decoder layers of every shipped config at full width (hidden 2048 to 8192,
+    their head counts, vocabularies and tied or untied heads; Qwen3's q/k norms, Mistral's
+    sliding window), weight-free, on every target: zero ttnn errors, every op issued, no
+    op over a core's L1."""
     from compiler.targets import TARGETS as COMPILER_TARGETS
 
     if not COMPILER_TARGETS[target].supported:
