@@ -395,3 +395,29 @@ def test_help_lists_every_interface_option():
                  "--max-prefill-chunk", "--block-size", "--max-num-blocks", "--no-weights", "--cache",
                  "--print-after", "--print-after-all", "--dump", "--verify", "--emit", "--report"):
         assert flag in help_text, flag
+
+
+@pytest.mark.parametrize("optimizations", ["performance", "accuracy"])
+def test_the_folder_name_does_not_change_the_program(model, tmp_path, capsys, optimizations):
+    """The same checkpoint in folders named like Qwen2.5-7B and like a 70B (names that used
+    to select other precision policies) compiles to the same program, ops and dtypes
+    alike; only the recorded name differs. The chosen policy is in program.json."""
+    programs = []
+    for name in ("Qwen2.5-7B-Instruct", "Llama-3.1-70B-Instruct"):
+        folder = tmp_path / name
+        shutil.copytree(model, folder)
+        out = tmp_path / f"out-{name}"
+        rc, _, err = _compile(capsys, folder, out, tmp_path / "cache", "--optimizations", optimizations)
+        assert rc == 0, err
+        data = json.loads((out / "program.json").read_text())
+        assert data["model"].pop("name") == name
+        assert data["precision"]["mode"] == optimizations and data["precision"]["policy"]["attention"]
+        programs.append(data)
+    assert programs[0] == programs[1]
+
+
+def test_report_prints_the_precision_policy(model, tmp_path, capsys):
+    rc, out, err = _compile(capsys, model, tmp_path / "out", tmp_path / "cache", "--no-weights", "--report",
+                            "--optimizations", "accuracy")
+    assert rc == 0, err
+    assert "precision (accuracy): weights attention bfloat16, ff1_ff3 bfloat8_b" in out

@@ -302,3 +302,40 @@ def test_compiled_yarn_qwen2_matches_hf_beyond_the_original_length(tiny_model, c
           f"{YARN_PREFILL - 1}..{len(YARN_TOKENS) - 2} (original length 64)")
     assert p > 0.99999
     assert float(np.abs(got - want).max()) <= 1e-3 * float(np.abs(want).max())
+
+
+# Every field that would change the maths and is not implemented, set to a value that
+# turns it on; plus fields the table does not know. Each is refused, naming the field.
+from models_ref.fields import HF_FIELDS, OFF_ONLY  # noqa: E402
+
+ON_VALUES = {"attention_bias": True, "mlp_bias": True, "attn_logit_softcapping": 50.0,
+             "final_logit_softcapping": 30.0, "partial_rotary_factor": 0.5, "use_mrope": True,
+             "quantization_config": {"quant_method": "gptq", "bits": 4}}
+UNSUPPORTED = {**{name: {name: value} for name, value in ON_VALUES.items()},
+               "unknown field": {"rope_magic": 2},
+               "hidden_act gelu": {"hidden_act": "gelu_pytorch_tanh"},
+               "mixed layer types": {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 14}}
+
+
+def test_every_off_only_field_has_a_refusal_case():
+    assert {n for n, f in HF_FIELDS.items() if f.status == OFF_ONLY} == set(ON_VALUES)
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_unsupported_fields_are_refused_naming_the_field(case, tmp_path):
+    changes = UNSUPPORTED[case]
+    path = _write(tmp_path, _edited(_qwen7b(), **changes))
+    with pytest.raises(ConfigError) as info:
+        load_config(path.parent)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path))
+    field = "layer_types" if case == "mixed layer types" else next(iter(changes))
+    assert f"'{field}'" in message, message
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "mistral-7b-v0.1"])
+def test_off_values_and_implemented_fields_are_accepted(name):
+    from models_ref.config import public_config_dirs
+    cfg = load_config(public_config_dirs()[name])
+    assert cfg.family == name.split("-")[0]
+    assert (cfg.sliding_window, cfg.qk_norm) == ((4096, False) if name.startswith("mistral") else (None, True))

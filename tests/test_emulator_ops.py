@@ -255,18 +255,20 @@ def test_paged_update_cache_through_the_executor_uses_the_state_dtype():
     assert not cache.any()
 
 
-@pytest.mark.xfail(strict=True, reason="the emulator's paged_update_cache ignores `page_table` "
-                   "(a kwarg lowering.optable allows): it writes cache[b, :, pos] instead of "
-                   "cache[page_table[b, pos // block], :, pos % block]")
 def test_paged_update_cache_follows_the_page_table():
+    """User b's row goes to cache[page_table[b, pos // block], :, pos % block], nowhere else
+    (a float32 cache, as float32 programs hold, so values compare exactly)."""
     num_blocks, block, batch = 8, 32, 2
     cache = torch.zeros(num_blocks, HKV, block, HD)
     x = _randn(1, batch, HKV, HD)
     page_table = torch.tensor([[5, 2], [7, 0]])  # user 0: blocks 5, 2; user 1: blocks 7, 0
     idx = torch.tensor([40, 3])  # user 0 -> block 2 row 8; user 1 -> block 7 row 3
-    IMPLS["ttnn.experimental.paged_update_cache"](cache, x, update_idxs_tensor=idx, page_table=page_table)
+    IMPLS["ttnn.experimental.paged_update_cache"](cache, x, update_idxs_tensor=idx, page_table=page_table,
+                                                  cache_dtype="float32")
     torch.testing.assert_close(cache[2, :, 8], x[0, 0], atol=0, rtol=0)
     torch.testing.assert_close(cache[7, :, 3], x[0, 1], atol=0, rtol=0)
+    cache[2, :, 8], cache[7, :, 3] = 0, 0
+    assert not cache.any()
 
 
 def test_fill_cache_writes_at_batch_idx():

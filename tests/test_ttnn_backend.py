@@ -327,3 +327,20 @@ def test_without_ttnn_the_backend_says_what_to_do(tiny_model, compile_artifact):
     out = compile_artifact(tiny_model("tiny-llama", "llama"), max_seq_len=256)
     with pytest.raises(TtnnNotInstalled, match="scripts/setup_ttnn.sh"):
         runtime.load(out, backend="ttnn")
+
+
+def test_a_python_without_torch_gets_one_line_saying_what_to_install(ttnn_python, tiny_model, compile_artifact):
+    """.venv-ttnn has the project but not torch, like `pip install .` into a fresh venv:
+    ttcompile and the emulator backend of ttrun say what to install, in one line, exit 2."""
+    bin_dir = Path(ttnn_python).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TT_METAL_")}
+    done = subprocess.run([str(bin_dir / "ttcompile"), str(tiny_model("tiny-llama", "llama")), "--no-weights"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "ttcompile needs torch" in done.stderr and "CPU build" in done.stderr
+    out = compile_artifact(tiny_model("tiny-llama", "llama"), max_seq_len=256)
+    done = subprocess.run([str(bin_dir / "ttrun"), "prompt", "--program", str(out), "--backend", "emulator",
+                           "--no-instruct", "hello"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "ttrun needs torch" in done.stderr and "--backend ttnn" in done.stderr
