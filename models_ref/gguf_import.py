@@ -182,6 +182,18 @@ def _gguf_metadata(gguf_path: Path) -> dict:
     }
 
 
+def check_tensor_names(names: list[str], source: str) -> None:
+    """Every GGUF tensor must be one the weight name table (models_ref/names.py) knows:
+    anything else (llama3 rope_freqs factors, MoE experts, ...) would be dropped by the
+    conversion and change the maths, so the file is refused, naming the tensor."""
+    from .names import gguf_to_canonical
+
+    unknown = [n for n in names if gguf_to_canonical(n) is None]
+    if unknown:
+        raise ImportErrorGGUF(f"{source}: tensor {unknown[0]!r} has no role in models_ref/names.py "
+                              f"({len(unknown)} such tensors); this GGUF is not supported")
+
+
 def _eos_ids(meta: dict) -> list[int]:
     ids: list[int] = []
 
@@ -354,6 +366,7 @@ def import_gguf(gguf_path, out_dir, dtype: str = "bfloat16") -> Path:
         )
     if not meta["tokens"]:
         raise ImportErrorGGUF(f"{gguf_path.name} carries no tokenizer (tokenizer.ggml.tokens missing)")
+    check_tensor_names(meta["tensor_names"], gguf_path.name)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out_dir)

@@ -261,3 +261,18 @@ def test_cli_file(tmp_path, capsys):
     assert gguf_import.main(["file", str(src), str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert (out / MARKER_NAME).is_file()
+
+
+def test_gguf_tensor_names_come_from_the_name_table():
+    """The GGUF column of models_ref/names.py covers a Llama/Qwen2 GGUF's tensors (layer
+    numbers kept); a tensor without a role is refused, naming it."""
+    from models_ref.gguf_import import ImportErrorGGUF, check_tensor_names
+    from models_ref.names import gguf_to_canonical
+
+    assert gguf_to_canonical("blk.7.attn_q.weight") == "layers.7.attention.wq.weight"
+    assert gguf_to_canonical("blk.0.ffn_down.weight") == "layers.0.feed_forward.w2.weight"
+    assert gguf_to_canonical("token_embd.weight") == "tok_embeddings.weight"
+    check_tensor_names(["token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight",
+                        "blk.0.attn_q.bias", "blk.0.attn_q_norm.weight"], "x.gguf")
+    with pytest.raises(ImportErrorGGUF, match="'rope_freqs.weight' has no role"):
+        check_tensor_names(["token_embd.weight", "rope_freqs.weight"], "x.gguf")
