@@ -10,6 +10,8 @@ ops over heads keep the heads dim split; everything else takes its first input's
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx
 
 from models_ref import ops as ref
@@ -31,11 +33,13 @@ def placement_of(node: torch.fx.Node, facts, decode: bool) -> Placement:
         return spec.placement
     if node.op != "call_function":
         return REPLICATED
-    if node.target is dialect.all_reduce and any(u.target is dialect.all_reduce for u in node.users):
-        return Placement(None, (node.args[1],), partial=True)  # summed over one axis of two
-    if node.target in dialect.COLLECTIVES:
-        return REPLICATED
     ins = [a.meta.get(PLACEMENT, REPLICATED) for a in node.args if isinstance(a, torch.fx.Node)]
+    if node.target in dialect.COLLECTIVES:
+        # Reduced (all_reduce) or gathered (all_gather) over one mesh axis: what the input
+        # was split or partial over, minus that axis (2-D meshes do one axis at a time).
+        axis = node.args[1] if node.target is dialect.all_reduce else node.args[2]
+        rest = tuple(a for a in ins[0].axes if a != axis)
+        return dataclasses.replace(ins[0], axes=rest) if rest else REPLICATED
     if node.target is dialect.linear:
         w = node.args[1].meta[PLACEMENT]
         if w.dim == 0:

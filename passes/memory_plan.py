@@ -259,9 +259,13 @@ def decide(plan: MemoryPlan, ctx, requested_context: int | None, requested_chunk
         if plan.kv_pool_tokens and need - pool + plan.kv_bytes_per_token * plan.batch * min_context <= plan.dram_bytes:
             blocks = ctx.options.max_num_blocks
             fit = blocks * (plan.dram_bytes - need + pool) // pool
+            per_user = schedule.blocks_for(ctx.max_seq_len, ctx.options.block_size)
+            advice = (f"use --max-num-blocks {fit} or fewer" if fit > per_user else  # ttnn: pool > one row
+                      f"at most {fit} blocks fit, fewer than one {ctx.max_seq_len}-token user needs "
+                      f"({per_user + 1}); use a --max-seq-len of at most "
+                      f"{max(fit - 1, 0) * ctx.options.block_size} with --max-num-blocks {fit}")
             plan.refusal = (f"{name}: the KV page pool ({blocks} blocks, {_gb(pool)} GB per chip) does not "
-                            f"fit beside the weights on {target}, which has {dram} GB per chip; "
-                            f"use --max-num-blocks {fit} or fewer")
+                            f"fit beside the weights on {target}, which has {dram} GB per chip; {advice}")
             return
         others = _suggest_targets(plan, ctx)
         hint = (f"; use {' or '.join(others)}" if others else
@@ -269,8 +273,10 @@ def decide(plan: MemoryPlan, ctx, requested_context: int | None, requested_chunk
         plan.refusal = f"{name} needs about {_gb(need)} GB per chip on {target}, which has {dram} GB per chip{hint}"
         return
     largest = _largest_context(plan, min(MIN_CONTEXT_CHUNK, plan.model_max_context))
-    if largest < plan.model_max_context:
-        largest = schedule.round_context(largest) if largest >= MIN_CHUNK else _largest_context(plan, MIN_CHUNK)
+    if largest < MIN_CHUNK:  # not even 128 tokens beside a full-size chunk: a smaller chunk then
+        largest = _largest_context(plan, MIN_CHUNK)
+    if largest < plan.model_max_context:  # whole prefill shapes (and so whole KV blocks)
+        largest = schedule.round_context(largest)
     plan.max_context = largest
     context = plan.max_context if requested_context is None else requested_context
     if requested_context is not None and not plan.fits(context, MIN_CHUNK):

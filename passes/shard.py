@@ -13,7 +13,7 @@ Guarantees: every weight and cache has a Placement and the graph is per chip:
 Node placements follow from these weight and cache placements: compiler/placement.py,
 which the pipeline re-runs after every pass.
 On a TG mesh the tensor-parallel group is all 32 chips (both axes, row-major), so every
-reduction is an all_reduce on axis 1 then on axis 0. On one chip it only annotates.
+reduction is an all_reduce on axis 0 then on axis 1 (tp_axes order). On one chip it only annotates.
 
     %qkv = linear(%x, %wqkv)  : 1x1xSx960           %qkv = linear(%x, %wqkv) : 1x1xSx256   shard(3)
     %h = qkv_heads(%qkv, 9, 3, 64)          ==>     %h = qkv_heads(%qkv, 2, 1, 64)

@@ -412,7 +412,7 @@ def test_bad_input_real_cli(name, tmp_path, hf_model, meta_model):
 
 
 def test_unknown_fake_device_real_cli(tmp_path, hf_model):
-    _expect_error_subprocess(tmp_path, hf_model, ["unknown target 'P150'"], env={"FAKE_DEVICE": "P150"})
+    _expect_error_subprocess(tmp_path, hf_model, ["unknown target 'P999'"], env={"FAKE_DEVICE": "P999"})
 
 
 def _not_yet_supported(monkeypatch, name: str) -> None:

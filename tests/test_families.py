@@ -21,7 +21,8 @@ FAMILIES = {
     "qwen3-tied": ("qwen3", {"head_dim": 64, "tie_word_embeddings": True}),
     "mistral": ("mistral", {"sliding_window": WINDOW}),
 }
-TARGETS = ["N150", "N300", "T3K", "TG"]
+TARGETS = ["N150", pytest.param("N300", marks=pytest.mark.slow), pytest.param("T3K", marks=pytest.mark.slow),
+           pytest.param("TG", marks=pytest.mark.slow)]
 PREFILL = 100  # > WINDOW: prefill rows attend within the window
 TOKENS = [(7 * i * i + 3 * i + 11) % 997 + 2 for i in range(PREFILL + 41)]  # 40 decode steps past it
 MAX_SEQ_LEN = 512
@@ -58,7 +59,7 @@ def test_the_fixtures_exercise_the_new_maths(family_dir, hf_rows):
     qwen = hf_reference(family_dir("qwen3"))
     assert qwen.config.head_dim * qwen.config.num_attention_heads != qwen.config.hidden_size
     norm = qwen.model.layers[0].self_attn.q_norm.weight
-    assert norm.shape == (64,) and float((norm - 1).abs().max()) > 0.1
+    assert norm.shape == (64,) and float((norm.detach() - 1).abs().max()) > 0.1
     windowed = hf_reference(family_dir("mistral"))
     full = AutoModelForCausalLM.from_pretrained(family_dir("mistral"), dtype=torch.float32,
                                                 sliding_window=None).eval()

@@ -108,6 +108,7 @@ def test_accuracy_mode_teacher_forced_pcc(name, model_dir, reference, compile_ar
 
 
 # --------------------------------------------------------------------------- (b) float32 greedy
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_float32_greedy_equals_hf_generate(name, model_dir, reference, compile_artifact):
     path = model_dir(name)

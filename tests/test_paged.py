@@ -97,6 +97,7 @@ def test_paged_equals_contiguous_with_scrambled_blocks(model, compile_artifact):
 
 
 # ------------------------------------------------------------------ batching
+@pytest.mark.slow
 def test_batch_of_32_equals_each_user_alone(model, compile_artifact):
     rng = np.random.default_rng(11)
     prompts = [[int(t) for t in rng.integers(3, 1000, n)] for n in rng.integers(3, 90, 32)]

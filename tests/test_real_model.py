@@ -28,6 +28,8 @@ import torch
 import runtime
 from fixtures import pcc
 
+pytestmark = pytest.mark.slow  # the real 135M model: tens of seconds per accuracy run
+
 PREFILL = 64
 PREDICTIONS = 256
 MAX_SEQ_LEN = 512
@@ -115,10 +117,16 @@ def _measure(mode, program_rows, text_tokens, hf_rows) -> dict:
     return figures
 
 
+# Bounds sit below the spread measured across CPU kernels and thread counts (oneDNN's
+# bfloat16 GEMMs round differently per ISA): on this machine with ONEDNN_MAX_CPU_ISA =
+# default / AVX512_CORE_BF16 / AVX512_CORE / AVX2 and 1 or 2 threads, accuracy mode gave
+# top-1 0.949-0.961, top-5 1.000, PCC 0.99937-0.99939; performance mode top-1 0.797-0.813,
+# top-5 0.996, PCC 0.9654-0.9656 (an AMX machine gave 0.949 accuracy top-1).
 def test_accuracy_mode_token_agreement(program_rows, text_tokens, hf_rows):
     figures = _measure("accuracy", program_rows, text_tokens, hf_rows)
-    assert figures["top1"] >= 0.95
+    assert figures["top1"] >= 0.93
     assert figures["top5"] >= 0.99
+    assert figures["pcc"] >= 0.998
 
 
 def test_performance_mode_token_agreement(program_rows, text_tokens, hf_rows):
@@ -127,7 +135,8 @@ def test_performance_mode_token_agreement(program_rows, text_tokens, hf_rows):
     # reference's performance-mode figures for Llama are ~0.8-0.9 top-1 (Llama-3.2-1B on
     # N150: 79/97 top-1/top-5, Llama-3.2-3B: 89/98; anchors.md, tt-metal PERF.md).
     assert figures["top1"] >= 0.7
-    assert figures["top5"] >= 0.9
+    assert figures["top5"] >= 0.97
+    assert figures["pcc"] >= 0.95
 
 
 def test_capital_of_france(smollm2_artifact):
@@ -139,19 +148,20 @@ def test_capital_of_france(smollm2_artifact):
 
 # Sharded programs differ from one chip only by float rounding (float32 programs agree to
 # PCC 1 - 1e-12), but 30 layers of bfloat16 rounding flip near-tie tokens either way: over
-# 128 tokens top-1 moved by up to 0.03 in both directions, over 256 by 0.008. So the full
-# 256 rows, as for N150.
+# 128 tokens top-1 moved by up to 0.03 in both directions, over 256 by 0.008 (0.016 in
+# all: N150 0.957, T3K 0.949, TG 0.965). So the full 256 rows, and a bound of 0.03.
 MESH_PREDICTIONS = PREDICTIONS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["T3K", "TG"])
 def test_sharded_program_agrees_with_hf_like_n150(program_rows, text_tokens, hf_rows, target):
     """SmolLM2 (9 heads, 3 KV heads: padded heads, replicated KV heads) on 8 and 32 chips:
-    top-1 agreement with HF within 0.01 of the single-chip program's on the same tokens."""
+    top-1 agreement with HF within 0.03 of the single-chip program's on the same tokens."""
     reference = hf_rows[:MESH_PREDICTIONS]
     tokens = text_tokens[:PREFILL + MESH_PREDICTIONS]
     single = token_agreement(program_rows("accuracy", "N150", MESH_PREDICTIONS), reference, tokens)
     sharded = token_agreement(program_rows("accuracy", target, MESH_PREDICTIONS), reference, tokens)
     print(f"\nSmolLM2 accuracy {target}: top-1 {sharded['top1']:.3f} (N150 {single['top1']:.3f}), "
           f"top-5 {sharded['top5']:.3f} (N150 {single['top5']:.3f}) over {MESH_PREDICTIONS} tokens")
-    assert abs(sharded["top1"] - single["top1"]) <= 0.01
+    assert abs(sharded["top1"] - single["top1"]) <= 0.03

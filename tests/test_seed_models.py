@@ -19,6 +19,8 @@ from compiler.driver import CompileError, compile_model
 from compiler.options import CompileOptions
 from models_ref.config import seed_model_dirs
 
+pytestmark = pytest.mark.slow  # compiles 9 models x 7 targets (about 50 s)
+
 TARGETS = ("N150", "N300", "T3K", "TG")
 K = 1024
 
@@ -89,7 +91,6 @@ BLACKHOLE = {
 }
 
 
-@pytest.mark.slow
 def test_blackhole_verdicts():
     for name, path in seed_model_dirs().items():
         if name not in BLACKHOLE:

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TTNN_PYTHON = ROOT / ".venv-ttnn" / "bin" / "python"
 REPLAY = ROOT / "tests" / "ttnn_side" / "replay.py"
 TIMEOUT = 600
+pytestmark = pytest.mark.slow  # every test replays through ttnn in another process
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ def smol_program(smollm2_dir, compile_artifact):
                             max_num_blocks=160)
 
 
+@pytest.mark.slow
 def test_batch_preset_with_overrides(smol_program, tmp_path, capsys):
     """Five prompts on a 4-user program run as two batches; context text is cut to max_length."""
     (tmp_path / "context.txt").write_text("Paris is the capital and largest city of France. " * 40)
@@ -49,6 +50,7 @@ def test_batch_preset_with_overrides(smol_program, tmp_path, capsys):
     assert "tokens/s/user" in captured.err and "5 users" in captured.err
 
 
+@pytest.mark.slow
 def test_single_prompt_streams(smol_program, capsys):
     rc = cli.main(["prompt", "What is the capital of France?", "--program", str(smol_program),
                    "--max-generated-tokens", "12"])

@@ -218,6 +218,7 @@ def test_precision_facts_are_typed():
         Precision("bfloat16", "HiFi5")
 
 
+@pytest.mark.slow
 def test_the_verifier_works_under_python_O():
     """Checks are raises, not asserts: `python -O` (which strips asserts) still catches a
     broken graph, and the error is a compiler bug (exit 3), not the user's ValueError."""
