@@ -22,8 +22,13 @@ class PassContext:
     facts: GraphFacts = field(default_factory=GraphFacts)
     # Placeholder name -> shape as a function of the row count (prefill: S; decode: ignored).
     input_shapes: dict = field(default_factory=dict)
+    input_dtypes: dict = field(default_factory=dict)  # placeholder name -> torch dtype (default int64)
     example_inputs: dict = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
+    # Weights of the program's functions compiled before this one (name -> WeightSpec) and
+    # their peak activations: the memory plan counts them (Llama 3.2 Vision's tower).
+    resident: dict = field(default_factory=dict)
+    other_activation_bytes: int = 0
 
     @property
     def decode(self) -> bool:
@@ -32,12 +37,15 @@ class PassContext:
     def inputs_at(self, rows: int) -> dict:
         """Meta example inputs for every tensor placeholder at a given row count."""
         import torch
-        return {name: torch.empty(shape(rows), dtype=torch.int64, device="meta")
+        return {name: torch.empty(shape(rows), dtype=self.input_dtypes.get(name, torch.int64), device="meta")
                 for name, shape in self.input_shapes.items()}
 
-    def add_input(self, name: str, shape) -> None:
-        """Declare a tensor placeholder a pass introduced (`shape(rows) -> tuple`)."""
+    def add_input(self, name: str, shape, dtype=None) -> None:
+        """Declare a tensor placeholder (`shape(rows) -> tuple`; ids and positions are
+        integers unless `dtype` says otherwise, e.g. pixels and masks)."""
         self.input_shapes[name] = shape
+        if dtype is not None:
+            self.input_dtypes[name] = dtype
         self.example_inputs = self.inputs_at(self.seq_rows)
 
     def propagate(self, gm, inputs: dict | None = None) -> None:

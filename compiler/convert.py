@@ -37,6 +37,22 @@ class RecipeEvaluator:
             t = self(inner)
             pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
             return torch.nn.functional.pad(t, pad)
+        if kind == "tanh_scale":  # a learned gate folded into what it scales (passes/fold_gates.py)
+            gate, inner = args
+            return self(inner) * torch.tanh(self(gate).float()).to(torch.float32)
+        if kind == "one_minus_tanh_scale":
+            gate, inner = args
+            return self(inner) * (1 - torch.tanh(self(gate).float()))
+        if kind == "taps_to_blocks":  # projector rows for [final | tap_0 | ... ] instead of interleaved taps
+            width, taps, inner = args
+            t = self(inner)
+            final, inter = t[:width], t[width:]
+            return torch.cat([final, inter.reshape(width, taps, -1).transpose(0, 1).reshape(width * taps, -1)])
+        if kind == "pad_heads":  # zero columns (or rows) after each head's head_dim (passes/pad_heads.py)
+            dim, head_dim, padded, inner = args
+            blocks = self(inner).split(head_dim, dim=dim)
+            pad = [0, 0] * (blocks[0].dim() - 1 - dim) + [0, padded - head_dim]
+            return torch.cat([torch.nn.functional.pad(b, pad) for b in blocks], dim=dim)
         if kind == "zeros":
             return torch.zeros(args[0])
         if kind == "rope_table":

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models_ref import ops as ref
+from models_ref import vision_ops as vops
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,6 +31,21 @@ def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU, as Llama 3.2 Vision's MLP uses it."""
+    return F.gelu(x)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim (float32 statistics), with weight and bias."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight.reshape(-1).float(), bias.reshape(-1).float(), eps)
+    return y.to(x.dtype)
+
+
+def concat(parts: list, dim: int) -> torch.Tensor:
+    return torch.cat(list(parts), dim=dim)
 
 
 def qkv_heads(x: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, decode: bool):
@@ -136,7 +152,12 @@ DIALECT = {
         ref.fill_cache, ref.update_cache, ref.causal_attention, ref.decode_attention,
         ref.last_tile, linear, add, mul, silu, qkv_heads, gated_mlp, operator.getitem,
         all_reduce, all_gather, paged_fill_cache, paged_update_cache, chunked_attention,
-        paged_decode_attention,
+        paged_decode_attention, gelu, layer_norm, concat,
+        # Llama 3.2 Vision: the vision tower and the cross-attention layers
+        vops.patchify, vops.aspect_ratio_rows, vops.tanh_gate, vops.prepend_class_token,
+        vops.positional_embedding, vops.pad_tile_tokens, vops.pad_rows, vops.split_tiles,
+        vops.merge_tiles, vops.unpad_tile_tokens, vops.encoder_attention, vops.vision_features,
+        vops.cross_attention, vops.cross_attention_decode,
     )
 }
 

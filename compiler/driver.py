@@ -68,7 +68,7 @@ def _lower_mode(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Func
 
 def _lower_and_stamp(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Function, dict, dict]:
     fn = canonical_names(lower(gm, ctx))
-    weights = device_weights(ctx.facts)
+    weights = device_weights(ctx.facts, ctx.cfg)
     state = {name: TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer,
                               spec.placement.to_json())
              for name, spec in ctx.facts.state.items()}
@@ -94,11 +94,20 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
     max_seq_len = resolve_max_seq_len(cfg, options)
     observer = observer or Observer()
     functions, weights, state, counters, plans = {}, {}, {}, {}, {}
-    traced_layers = None if full_trace or cfg.n_layers <= TRACED_LAYERS else TRACED_LAYERS
-    for mode in MODES:
+    # Layers are stamped from two traced ones, unless they are not all alike (Llama 3.2
+    # Vision interleaves cross-attention layers): then every layer is traced.
+    stampable = not full_trace and cfg.n_layers > TRACED_LAYERS and not cfg.cross_attention_layers
+    traced_layers = TRACED_LAYERS if stampable else None
+    resident, other_activations = {}, 0  # what functions compiled earlier hold (the vision tower)
+
+    def compile_mode(mode, context):
+        gm, ctx = trace(cfg, mode, target, options, context, layers=traced_layers)
+        ctx.resident, ctx.other_activation_bytes = dict(resident), other_activations
+        return run_pipeline(gm, ctx, observer), ctx
+
+    for mode in (("vision",) if cfg.vision else ()) + MODES:
         printed = len(observer.printed)
-        gm, ctx = trace(cfg, mode, target, options, max_seq_len, layers=traced_layers)
-        gm = run_pipeline(gm, ctx, observer)
+        gm, ctx = compile_mode(mode, max_seq_len)
         plans[mode] = plan = ctx.facts.memory
         if plan.refusal:
             raise CompileError(plan.refusal)
@@ -106,9 +115,10 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
             # The planner capped the default context to what fits: compile for that.
             max_seq_len = plan.context
             del observer.printed[printed:]
-            gm, ctx = trace(cfg, mode, target, options, max_seq_len, layers=traced_layers)
-            gm = run_pipeline(gm, ctx, observer)
+            gm, ctx = compile_mode(mode, max_seq_len)
             plans[mode] = ctx.facts.memory
+        if mode == "vision":
+            resident, other_activations = dict(ctx.facts.weights), plan.other_activation_bytes
         functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, cfg.n_layers, traced_layers)
         precision = ctx.facts.precision
         weights = canonical_order({**weights, **mode_weights})

@@ -12,7 +12,7 @@ from runtime.blockfloat import bytes_for
 
 GB = 1 << 30  # as compiler.targets: "12 GB" is 12 x 2**30 bytes
 SHORT_CONTEXT = 1024  # context of the "short" decode bandwidth estimate
-CROSS_ATTENTION = "cross_attention (not in the text program)"
+CROSS_CACHE = "cross_attention_cache"  # Llama 3.2 Vision: a row per user of every cross layer
 
 # Memory category of each weight role (the report's rows).
 CATEGORIES: dict[Role, str] = {
@@ -22,6 +22,13 @@ CATEGORIES: dict[Role, str] = {
     **{r: "norms" for r in NORMS},
     Role.EMBEDDING: "embedding", Role.LM_HEAD: "lm_head",
     Role.ROPE_COS: "rope_tables", Role.ROPE_SIN: "rope_tables", Role.ROPE_TRANS_MAT: "rope_tables",
+    # Llama 3.2 Vision
+    **{r: "cross_attention" for r in (Role.CROSS_WQ, Role.CROSS_WK, Role.CROSS_WV, Role.CROSS_WO, Role.CROSS_W1,
+                                      Role.CROSS_W2, Role.CROSS_W3, Role.CROSS_Q_NORM, Role.CROSS_K_NORM,
+                                      Role.CROSS_ATTENTION_NORM, Role.CROSS_FFN_NORM, Role.CROSS_GATE_ATTN,
+                                      Role.CROSS_GATE_FFN)},
+    **{r: "vision" for r in Role if r.value.startswith("vision_")},
+    Role.PROJECTOR: "vision", Role.PROJECTOR_BIAS: "vision", Role.IMAGE_TOKEN_EMBEDDING: "embedding",
 }
 # Not read in full by a decode step: embedding rows and rope rows are looked up.
 _LOOKUP_CATEGORIES = ("embedding", "rope_tables")
@@ -61,6 +68,7 @@ class MemoryPlan:
     activation_base: int = 0  # prefill peak = max over program points of base + per_row x S
     activation_points: list = field(default_factory=list)  # [(base, per_row)] upper envelope
     decode_activation_bytes: int = 0
+    other_activation_bytes: int = 0  # peak of the program's other functions (Llama 3.2 Vision's vision)
     collectives_per_layer: dict[str, int] = field(default_factory=dict)  # mode -> count
     max_context: int = 0
     max_prefill_chunk: int = 0
@@ -72,7 +80,10 @@ class MemoryPlan:
 
     # ------------------------------------------------------------ arithmetic
     def activation_bytes(self, rows: int) -> int:
-        return max((b + r * rows for b, r in self.activation_points), default=0)
+        """Peak activations: a prefill chunk of `rows`, or another function's (the vision
+        function's one image), whichever is larger (they never run at once)."""
+        chunk = max((b + r * rows for b, r in self.activation_points), default=0)
+        return max(chunk, self.other_activation_bytes)
 
     def pool_tokens(self, context: int) -> int:
         """Token slots of the page pool the program allocates for this context (0: none)."""
@@ -105,9 +116,9 @@ class MemoryPlan:
         return out
 
     def decode_step_bytes(self, context: int) -> int:
-        """DRAM bytes one decode step reads per chip: weights (not lookup tables) + KV."""
-        weights = sum(v for k, v in self.weights.items() if k not in _LOOKUP_CATEGORIES
-                      and not k.startswith("cross_attention"))
+        """DRAM bytes one decode step reads per chip: weights (not lookup tables, not the
+        vision tower, which runs once per image) + KV (and the cross-attention caches)."""
+        weights = sum(v for k, v in self.weights.items() if k not in _LOOKUP_CATEGORIES and k != "vision")
         return weights + self.kv_bytes_per_token * self.batch * context
 
     def decode_tokens_per_s_per_user(self, context: int) -> float:

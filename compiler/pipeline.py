@@ -6,17 +6,20 @@ from pathlib import Path
 
 import torch.fx
 
-from passes import canonicalize, chunked_prefill, fuse_mlp, fuse_qkv, memory_plan, paged_kv, precision, shard
+from passes import (canonicalize, chunked_prefill, fold_gates, fuse_mlp, fuse_qkv, memory_plan, pad_heads, paged_kv,
+                    precision, shard)
 
 from .errors import CompileError, InternalCompilerError, node_in_traceback
 from .placement import annotate
 from .printer import graph_text
 from .verify import verify
 
-PIPELINE = [canonicalize, fuse_qkv, fuse_mlp, shard, paged_kv, chunked_prefill, precision, memory_plan]
+PIPELINE = [canonicalize, fold_gates, fuse_qkv, pad_heads, fuse_mlp, shard, paged_kv, chunked_prefill, precision,
+            memory_plan]
 
 # Passes that must run before others, checked at import rather than trusted to a comment.
-ORDER_CONSTRAINTS = [("canonicalize", "fuse_qkv"), ("canonicalize", "fuse_mlp"),
+ORDER_CONSTRAINTS = [("canonicalize", "fold_gates"), ("fold_gates", "fuse_mlp"), ("canonicalize", "fuse_qkv"),
+                     ("canonicalize", "fuse_mlp"), ("fuse_qkv", "pad_heads"), ("pad_heads", "shard"),
                      ("fuse_qkv", "shard"), ("fuse_mlp", "shard"), ("shard", "precision"),
                      ("shard", "paged_kv"), ("paged_kv", "chunked_prefill")]
 

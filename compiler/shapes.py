@@ -7,7 +7,7 @@ import torch.fx
 from .facts import VAL, GraphFacts
 
 # Tiny fixed values for scalar placeholders during propagation.
-SCALAR_EXAMPLES = {"user_id": 0, "last_index": 0, "chunk_start": 0}
+SCALAR_EXAMPLES = {"user_id": 0, "last_index": 0, "chunk_start": 0, "aspect_ratio_id": 1}
 
 
 class _MetaInterpreter(torch.fx.Interpreter):
@@ -37,6 +37,8 @@ def propagate(gm: torch.fx.GraphModule, facts: GraphFacts, inputs: dict[str, obj
         if node.op == "placeholder":
             if node.target in inputs:
                 args.append(inputs[node.target])
-            else:
+            elif node.target in SCALAR_EXAMPLES:
                 args.append(SCALAR_EXAMPLES[node.target])
+            else:  # an optional input this model does not use (e.g. xattn_mask): its default
+                args.append(node.args[0] if node.args else None)
     _MetaInterpreter(gm, facts, mesh_shape).run(*args)

@@ -6,6 +6,7 @@ import torch.fx
 
 from models_ref.config import ModelConfig
 from models_ref.modules import Transformer
+from models_ref.multimodal import VisionFunction, cross_cache_len, device_vision
 
 from models_ref.names import Role
 
@@ -24,23 +25,32 @@ def _constant_recipe(name: str, max_seq_len: int) -> list:
     return ["rope_table", name.removeprefix("rope_"), max_seq_len]
 
 
+def _module(cfg: ModelConfig, mode: str, batch: int, max_seq_len: int):
+    if mode == "vision":  # Llama 3.2 Vision: one image -> its user's cross-attention caches
+        return VisionFunction(cfg, batch)
+    return Transformer(cfg, mode, max_batch=batch, max_seq_len=max_seq_len)
+
+
 def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
           max_seq_len: int, layers: int | None = None) -> tuple[torch.fx.GraphModule, PassContext]:
     """The reference module as an fx graph plus its weight/state table; no data is read.
 
+    `mode`: "prefill", "decode", or (models with cfg.vision) "vision".
     `layers`: trace only the first that many decoder layers (the driver stamps the rest,
     lowering/stamp.py); the context keeps the full config."""
     module_cfg = cfg if layers is None else cfg.replace(n_layers=layers)
     with torch.device("meta"):
-        model = Transformer(module_cfg, mode, max_batch=options.batch_size, max_seq_len=max_seq_len)
+        model = _module(module_cfg, mode, options.batch_size, max_seq_len)
     gm = torch.fx.symbolic_trace(model)
     seq_rows = SEQ_ROWS
     ctx = PassContext(cfg, target, options, mode, max_seq_len, seq_rows)
 
     # Every weight and cache gets its role here, once, from the name table.
     param_names = {id(p): name for name, p in model.named_parameters()}
+    assembled = getattr(model, "assembled_weights", {})
     for name, p in model.named_parameters(remove_duplicate=False):
-        ctx.facts.weights[name] = weight_spec(name, p.shape, ["source", param_names[id(p)]])
+        recipe = assembled.get(name, ["source", param_names[id(p)]])
+        ctx.facts.weights[name] = weight_spec(name, p.shape, recipe)
     for name, b in model.named_buffers():
         spec = weight_spec(name, b.shape, [])
         if spec.role in (Role.ROPE_COS, Role.ROPE_SIN):
@@ -49,12 +59,24 @@ def trace(cfg: ModelConfig, mode: str, target: Target, options: CompileOptions,
         else:
             ctx.facts.state[name] = StateSpec(name, spec.shape, layer=spec.layer, role=spec.role)
 
-    batch = options.batch_size
-    if mode == "decode":
-        ctx.add_input("tokens", lambda rows: (1, batch))
-        ctx.add_input("positions", lambda rows: (batch,))
-    else:
-        ctx.add_input("tokens", lambda rows: (1, rows))
-        ctx.add_input("positions", lambda rows: (rows,))
+    _declare_inputs(ctx, cfg, mode, options.batch_size)
     ctx.propagate(gm)
     return gm, ctx
+
+
+def _declare_inputs(ctx: PassContext, cfg: ModelConfig, mode: str, batch: int) -> None:
+    """The tensor inputs of each function, as shapes of the row count."""
+    if mode == "vision":
+        v = device_vision(cfg.vision)
+        tokens = v.max_num_tiles * v.padded_tokens_per_tile
+        ctx.add_input("pixels", lambda rows: (v.max_num_tiles, v.num_channels, v.tile_size, v.tile_size),
+                      torch.float32)
+        ctx.add_input("encoder_mask", lambda rows: (1, 1, tokens, tokens), torch.float32)
+        return
+    rows_of = (lambda rows: batch) if mode == "decode" else (lambda rows: rows)
+    ctx.add_input("tokens", lambda rows: (1, rows_of(rows)))
+    ctx.add_input("positions", lambda rows: (rows_of(rows),))
+    if cfg.vision is not None:
+        length = cross_cache_len(cfg.vision)
+        ctx.add_input("xattn_mask", lambda rows: (1, 1, rows_of(rows), length), torch.float32)
+        ctx.add_input("row_mask", lambda rows: (1, 1, rows_of(rows), 1), torch.float32)

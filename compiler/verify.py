@@ -8,6 +8,7 @@ import torch
 import torch.fx
 
 from models_ref import ops as ref
+from models_ref import vision_ops as vops
 
 from . import dialect
 from .errors import InternalCompilerError
@@ -53,8 +54,15 @@ def _check_rms_norm(node):
 
 
 def _check_same_shape(node):
+    """Elementwise operands have one shape, or one broadcasts over the other along dims
+    of size 1 (a per-tile row, a per-row mask); the result has the larger shape."""
     a, b = _shape(node.args[0]), _shape(node.args[1])
-    _require(a == b, f"{dialect.op_name(node)}: operand shapes differ {a} vs {b}")
+    try:
+        out = tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        out = None
+    _require(out is not None and out in (a, b) and len(a) == len(b),
+             f"{dialect.op_name(node)}: operand shapes differ {a} vs {b}")
 
 
 def _check_qkv_heads(node):
@@ -91,7 +99,8 @@ _BLOCK_FLOAT_READERS = {dialect.linear: (1,), dialect.gated_mlp: (1, 2),
                         ref.fill_cache: (0,), ref.update_cache: (0,),
                         ref.decode_attention: (1, 2), dialect.paged_fill_cache: (0,),
                         dialect.paged_update_cache: (0,), dialect.chunked_attention: (1, 2),
-                        dialect.paged_decode_attention: (1, 2)}
+                        dialect.paged_decode_attention: (1, 2), vops.cross_attention: (1, 2),
+                        vops.cross_attention_decode: (1, 2)}
 
 
 def _placement(node):

@@ -9,79 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
 from compiler import dialect
-from compiler.facts import LAYER, PLACEMENT, PRECISION, REPLICATED, VAL, WeightSpec
+from compiler.facts import PRECISION, VAL, WeightSpec
 from compiler.trace import ALT_SEQ_ROWS
 from models_ref import ops as ref
 from models_ref.names import LOOKUP_TABLES, NORMS, Role
 
-from .optable import check_op
-from .program import SEQ, Function, InputSpec, Op, TensorSpec
-
-TILE = 32
-TRANS_MAT = "rope_trans_mat"
-
-
-def compute_config(fidelity: str, fp32_acc: bool = True) -> dict:
-    return {"math_fidelity": fidelity, "fp32_dest_acc_en": fp32_acc, "packer_l1_acc": True}
-
-
-@dataclass
-class Lowering:
-    gm: torch.fx.GraphModule
-    ctx: object
-    fn: Function
-    names: dict = field(default_factory=dict)  # fx node -> tensor name (or list of names)
-    alt_shapes: dict = field(default_factory=dict)
-
-    # ---------------------------------------------------------------- shapes
-    def shape_of(self, node: torch.fx.Node, index: int | None = None) -> list:
-        val, alt = node.meta[VAL], self.alt_shapes.get(node.name)
-        if index is not None:
-            val, alt = val[index], (alt[index] if alt is not None else None)
-        dims = list(val.shape)
-        if alt is not None:
-            dims = [SEQ if a != b else a for a, b in zip(dims, alt)]
-        return dims
-
-    def dtype_of(self, node) -> str:
-        return node.meta[PRECISION].dtype
-
-    # ---------------------------------------------------------------- emission
-    def tensor(self, name: str, shape, dtype: str, node, layout="TILE") -> str:
-        placement = node.meta.get(PLACEMENT, REPLICATED) if node is not None else REPLICATED
-        self.fn.tensors[name] = TensorSpec(
-            list(shape), dtype, layout, "DRAM", "activation",
-            node.meta.get(LAYER) if node is not None else None,
-            None if placement == REPLICATED else placement.to_json())
-        return name
-
-    def emit(self, node, op: str, args: list, kwargs: dict | None = None, out=()) -> list[str]:
-        kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
-        check_op(op, args, kwargs)
-        self.fn.ops.append(Op(op, args, kwargs, list(out), node.name, node.meta.get(LAYER)))
-        return list(out)
-
-    def ref(self, node) -> str:
-        name = self.names[node]
-        assert isinstance(name, str), f"{node.name} is not a single tensor"
-        return "%" + name
-
-    def out_name(self, node, suffix: str = "") -> str:
-        return f"{node.name}{suffix}"
-
-    def result(self, node, op, args, kwargs=None, layout="TILE") -> str:
-        """Emit `op` producing the node's value (its own shape and dtype)."""
-        name = self.tensor(self.out_name(node), self.shape_of(node), self.dtype_of(node), node, layout)
-        self.emit(node, op, args, kwargs, [name])
-        self.names[node] = name
-        return name
-
+from .emitter import TILE, TRANS_MAT, Lowering, compute_config
+from .program import SEQ, Function, InputSpec, TensorSpec
+from .vision_rules import VISION_RULES
 
 # -------------------------------------------------------------------- rules
 def _embed(lw: Lowering, node):
@@ -295,18 +235,29 @@ RULES = {
     ref.last_tile: _last_tile, dialect.all_reduce: _all_reduce, dialect.all_gather: _all_gather,
     dialect.paged_fill_cache: _paged_fill_cache, dialect.paged_update_cache: _paged_update_cache,
     dialect.chunked_attention: _chunked_attention, dialect.paged_decode_attention: _paged_decode_attention,
+    **VISION_RULES,
 }
 
 
 # -------------------------------------------------------------------- inputs
+# Float inputs besides ids and page tables (Llama 3.2 Vision): their layout on the device.
+_FLOAT_INPUT_LAYOUTS = {"pixels": "ROW_MAJOR", "encoder_mask": "TILE", "xattn_mask": "TILE", "row_mask": "TILE"}
+
+
 def _inputs(lw: Lowering) -> None:
     """Per-call inputs. Decode positions feed two consumers in two forms (see ops)."""
     rows = SEQ if not lw.ctx.decode else lw.ctx.options.batch_size
-    fn = lw.fn
-    fn.inputs.append(InputSpec("tokens", "tokens", [1, rows], "uint32"))
-    fn.inputs.append(InputSpec("positions", "positions", [1, rows], "uint32"))
+    fn, shapes = lw.fn, lw.ctx.input_shapes
+    if "tokens" in shapes:
+        fn.inputs.append(InputSpec("tokens", "tokens", [1, rows], "uint32"))
+        fn.inputs.append(InputSpec("positions", "positions", [1, rows], "uint32"))
     if lw.ctx.decode:
         fn.inputs.append(InputSpec("cur_pos", "positions", [rows], "int32"))
+    dtype = _activation_dtype(lw.ctx.facts)
+    for name, layout in _FLOAT_INPUT_LAYOUTS.items():
+        if name in shapes:
+            shape = [SEQ if a != b else a for a, b in zip(shapes[name](lw.ctx.seq_rows), shapes[name](ALT_SEQ_ROWS))]
+            fn.inputs.append(InputSpec(name, name, shape, dtype, layout))
     if "page_table" in lw.ctx.input_shapes:
         fn.inputs.append(InputSpec("page_table", "page_table",
                                    list(lw.ctx.input_shapes["page_table"](0)), "int32"))
@@ -347,7 +298,7 @@ def lower(gm: torch.fx.GraphModule, ctx) -> Function:
     _inputs(lw)
     fn.scalars = [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.users
                   and n.target not in ctx.input_shapes and n.target != "last_index"]
-    if not ctx.decode:
+    if ctx.mode == "prefill":
         fn.scalars.append("last_tile_start")  # from last_index: the logits tile (see _last_tile)
     for node in gm.graph.nodes:
         if node.op == "call_function":
@@ -358,22 +309,41 @@ def lower(gm: torch.fx.GraphModule, ctx) -> Function:
 
 
 # -------------------------------------------------------------------- weights
-def device_weights(facts) -> dict[str, dict]:
+# Device layouts by role, beyond TILE at the graph's shape: (layout, shape from the graph's).
+def _row_vector(shape):  # norm gammas/betas: ROW_MAJOR [1, 1, D/32, 32] (or [1, D] when D is not whole tiles)
+    return ("ROW_MAJOR", (1, 1, shape[0] // TILE, TILE)) if shape[0] % TILE == 0 else ("TILE", (1, shape[0]))
+
+
+def _vision_layouts(cfg) -> dict:
+    """Llama 3.2 Vision: per-aspect-ratio tables as [ids, T, rows, D] (a lookup is a
+    slice of one id), the class embedding and local positions as broadcastable rows."""
+    if cfg is None or cfg.vision is None:
+        return {}
+    tiles, dim = cfg.vision.max_num_tiles, cfg.vision.dim
+    table = lambda s: ("TILE", (s[0], tiles, s[1] // (tiles * dim), dim))  # noqa: E731
+    return {Role.VISION_TILE_POS_EMBED: table, Role.VISION_PRE_TILE_EMBED: table,
+            Role.VISION_POST_TILE_EMBED: table,
+            Role.VISION_CLASS_EMBED: lambda s: ("TILE", (1, 1, 1, s[0])),
+            Role.VISION_POS_EMBED: lambda s: ("TILE", (1, 1) + tuple(s)),
+            Role.VISION_NORM: _row_vector, Role.VISION_NORM_BIAS: _row_vector}
+
+
+def device_weights(facts, cfg=None) -> dict[str, dict]:
     """The program's weight table: device layouts for what the graph's weights are.
 
     Norm weights go to ttnn as ROW_MAJOR [1, 1, D/32, 32]; lookup tables (token embedding,
-    rope rows) as ROW_MAJOR rows; the rotary transformation matrix is added as a constant.
+    rope rows) as ROW_MAJOR rows; the rotary transformation matrix is added as a constant;
+    Llama 3.2 Vision's tables and rows as _vision_layouts says.
     """
+    layouts = {**{role: _row_vector for role in NORMS}, **_vision_layouts(cfg)}
     out = {}
     for name, spec in facts.weights.items():
         spec = dataclasses.replace(spec)
-        if spec.role in NORMS and spec.shape[0] % TILE == 0:
-            spec.shape = (1, 1, spec.shape[0] // TILE, TILE)
-            spec.recipe = ["reshape", list(spec.shape), spec.recipe]
-            spec.layout = "ROW_MAJOR"
-        elif spec.role in NORMS:
-            spec.shape = (1, spec.shape[0])
-            spec.recipe = ["reshape", [1, -1], spec.recipe]
+        if spec.role in layouts:
+            spec.layout, shape = layouts[spec.role](spec.shape)
+            if tuple(shape) != tuple(spec.shape):
+                spec.shape = tuple(shape)
+                spec.recipe = ["reshape", list(shape), spec.recipe]
         elif spec.role in LOOKUP_TABLES:
             spec.layout = "ROW_MAJOR"
         out[name] = spec.to_json()
@@ -383,5 +353,4 @@ def device_weights(facts) -> dict[str, dict]:
 
 
 def _activation_dtype(facts) -> str:
-    norm = next((w for w in facts.weights.values() if w.role in NORMS), None)
-    return "float32" if norm is not None and norm.dtype == "float32" else "bfloat16"
+    return (facts.precision or {}).get("policy", {}).get("activations", "bfloat16")

@@ -66,11 +66,11 @@ _DEFS = [
     OpDef("ttnn.transformer.scaled_dot_product_attention",
           ("input_tensor_q", "input_tensor_k", "input_tensor_v"),
           ("is_causal", "scale", "compute_kernel_config", "program_config", "memory_config",
-           "sliding_window_size")),
+           "sliding_window_size", "attn_mask")),
     OpDef("ttnn.transformer.scaled_dot_product_attention_decode",
           ("input_tensor_q", "input_tensor_k", "input_tensor_v"),
           ("cur_pos_tensor", "scale", "compute_kernel_config", "program_config", "memory_config",
-           "sliding_window_size")),
+           "sliding_window_size", "attn_mask", "is_causal")),
     OpDef("ttnn.experimental.nlp_concat_heads", ("input_tensor",), ("memory_config",)),
     OpDef("ttnn.all_reduce", ("input_tensor",),
           ("cluster_axis", "num_links", "memory_config", "topology"), collective=True,
@@ -80,6 +80,17 @@ _DEFS = [
           doc="concatenate the chips' tensors along dim over mesh axis cluster_axis"),
     OpDef("ttnn.experimental.nlp_concat_heads_decode", ("input_tensor",),
           ("num_heads", "memory_config")),
+    # Llama 3.2 Vision (lowering/vision_rules.py)
+    OpDef("ttnn.layer_norm", ("input_tensor",),
+          ("epsilon", "weight", "bias", "memory_config", "compute_kernel_config")),
+    OpDef("ttnn.gelu", ("input_tensor",), ("memory_config",), doc="exact (erf) GELU"),
+    OpDef("ttnn.concat", ("tensors", "dim"), ("memory_config",), doc="join a list of tensors along dim"),
+    OpDef("ttnn.permute", ("input_tensor", "dims"), ("memory_config",)),
+    OpDef("ttnn.to_layout", ("tensor", "layout"), ("dtype", "memory_config"), doc="TILE <-> ROW_MAJOR; same values"),
+    OpDef("ttnn.pad", ("input_tensor", "padding", "value"), ("memory_config",),
+          doc="padding: a (before, after) pair per dim, filled with value"),
+    OpDef("ttnn.repeat", ("input_tensor", "repetition_vector"), ("memory_config",),
+          doc="tile the tensor repetition_vector[d] times along each dim d"),
 ]
 
 OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}

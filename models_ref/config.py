@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import vision_config
 from .fields import HF_FIELDS, META_FIELDS, FieldRefused, check_fields
+from .vision_config import VisionConfig
 
 # Public config.json / params.json files of the seed's models (no weights), shipped for
 # weight-free compilation: `ttcompile models_ref/seed_configs/<name> --no-weights`.
@@ -70,6 +72,10 @@ ARCHITECTURES = {
 }
 
 
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
+               "mllama": "llama", "mllama_text_model": "llama"}
+
+
 @dataclass(frozen=True)
 class Family:
     """What a family's architecture fixes (rather than its config fields)."""
@@ -110,10 +116,10 @@ class ModelConfig:
     source_format: str = "hf"  # "hf" | "meta"
     # Llama 3.2 Vision: the self-attention layers (Meta numbering, 0..n_layers-1) that a
     # gated cross-attention layer runs before (Meta's "fusion schedule"). n_layers counts
-    # self-attention layers only. Without an image those layers are identities (HF skips
-    # them; Meta's text_only_inference does too), so the compiled text program is exact;
-    # their weights still occupy the device (the memory planner counts them).
+    # self-attention layers only. `vision` is the image side (vision_config.VisionConfig):
+    # with it the program has a vision function and the cross-attention layers.
     cross_attention_layers: tuple[int, ...] = ()
+    vision: VisionConfig | None = None
 
     @property
     def qkv_dim(self) -> int:
@@ -133,6 +139,7 @@ class ModelConfig:
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["cross_attention_layers"] = list(self.cross_attention_layers)  # as JSON reads it back
+        data["vision"] = self.vision.to_json() if self.vision else None
         return data
 
     @classmethod
@@ -141,6 +148,7 @@ class ModelConfig:
         if data.get("rope_scaling"):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         data["cross_attention_layers"] = tuple(data.get("cross_attention_layers") or ())
+        data["vision"] = VisionConfig.from_json(data["vision"]) if data.get("vision") else None
         return cls(**data)
 
     def replace(self, **changes) -> "ModelConfig":
@@ -294,10 +302,16 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
     """Normalise a Hugging Face config.json (Llama, Qwen2, Qwen3 and Mistral causal LMs,
     Llama 3.2 Vision's text decoder)."""
     data = _read_json(path)
+    vision = None
     if "text_config" in data and "num_hidden_layers" not in data:
         # Vision-language configs (Llama 3.2 Vision) keep the decoder in text_config.
         if not isinstance(data["text_config"], dict):
             raise ConfigError(f"{path}: text_config must be an object")
+        if isinstance(data.get("vision_config"), dict):
+            try:
+                vision = vision_config.from_hf_config(data, str(path))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(str(e).splitlines()[0]) from None
         data = {**data["text_config"], "architectures": data.get("architectures")}
     _check_fields(data, HF_FIELDS, path)
     archs = data.get("architectures") or []
@@ -305,8 +319,8 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         archs = [archs]
     model_type = data.get("model_type")
     family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if family is None and model_type in ARCHITECTURES.values():
-        family = model_type
+    if family is None:  # configs saved without `architectures` name their model type only
+        family = MODEL_TYPES.get(model_type)
     if family is None:
         found = ", ".join(map(str, archs)) or model_type or "none given"
         raise ConfigError(
@@ -363,6 +377,7 @@ def from_hf_config(path: Path, name: str | None = None) -> ModelConfig:
         sliding_window=_sliding_window(data, family, path, n_layers, context),
         source_format="hf",
         cross_attention_layers=cross,
+        vision=vision if cross else None,
     )
     return _validate(cfg, path)
 
@@ -463,6 +478,7 @@ def from_meta_params(path: Path, name: str | None = None,
         rope_scaling=rope,
         source_format="meta",
         cross_attention_layers=cross,
+        vision=vision_config.from_meta_params(data, str(path)) if cross else None,
     )
     return _validate(cfg, path)
 

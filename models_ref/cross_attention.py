@@ -49,20 +49,11 @@ from torch import nn
 
 from . import ops
 from . import vision_ops as vops
+from .blocks import FeedForward, RMSNorm
 from .config import ModelConfig
 
 MODES = ("prefill", "decode")
 SEMANTICS = ("hf", "meta")
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class CrossAttention(nn.Module):
@@ -100,17 +91,6 @@ class CrossAttention(nn.Module):
         return self.wo(ops.merge_heads(out, self.decode))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class CrossAttentionBlock(nn.Module):
     """Meta's `text_model.cross_attention_layers.{i}` (HF MllamaCrossAttentionDecoderLayer).
 
@@ -131,7 +111,7 @@ class CrossAttentionBlock(nn.Module):
         self.attention = CrossAttention(cfg, mode == "decode", max_batch, cache_len)
         self.gate_attn = nn.Parameter(torch.zeros(1))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
         self.gate_ffwd = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, xattn_mask, row_mask, user_id):

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-from . import ops
+from . import multimodal, ops
+from .blocks import FeedForward, RMSNorm
 from .config import ModelConfig
 from .rope import cos_sin_tables
 
 MODES = ("prefill", "decode")
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -65,24 +55,13 @@ class Attention(nn.Module):
         return self.wo(ops.merge_heads(out, self.decode))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, max_batch: int, max_seq_len: int, decode: bool):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, max_batch, max_seq_len, decode)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, cos, sin, positions, user_id):
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, user_id)
@@ -90,10 +69,16 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """forward(tokens [1, S|B], positions [S|B], user_id, last_index) -> logits [1, 1, R, V].
+    """forward(tokens [1, S|B], positions [S|B], user_id, last_index[, xattn_mask, row_mask])
+    -> logits [1, 1, R, V].
 
     Prefill returns the logits of the 32-row tile holding `last_index`; decode returns one
     row per user. KV caches are buffers of each attention (`layers.i.attention.k_cache`).
+    Llama 3.2 Vision (cfg.vision): gated cross-attention layers run before the
+    self-attention layers cfg.cross_attention_layers names, reading the cross-attention
+    caches the vision function writes (models_ref/multimodal.py) through the rows' masks
+    (`xattn_mask` [1, 1, R, L] additive, `row_mask` [1, 1, R, 1]; cross_attention.py); the
+    token table holds the image-token rows after the vocabulary (`assembled_weights`).
     """
 
     def __init__(self, cfg: ModelConfig, mode: str, max_batch: int = 1, max_seq_len: int = 4096):
@@ -103,10 +88,20 @@ class Transformer(nn.Module):
         self.cfg, self.mode = cfg, mode
         decode = mode == "decode"
         self.decode = decode
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        extra_rows = multimodal.IMAGE_TOKEN_ROWS if cfg.vision else 0
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size + extra_rows, cfg.dim)
         self.layers = nn.ModuleList(
             TransformerBlock(cfg, max_batch, max_seq_len, decode) for _ in range(cfg.n_layers)
         )
+        # How weights the checkpoint stores in parts are assembled (trace reads this).
+        self.assembled_weights = {}
+        self.cross_before: dict[int, int] = {}  # self-attention layer -> cross-attention layer before it
+        if cfg.vision:
+            if cfg.tie_word_embeddings:
+                raise ValueError("tied embeddings with image-token rows are not supported")
+            self.cross_attention_layers = multimodal.cross_layers(cfg, mode, max_batch)
+            self.cross_before = {layer: k for k, layer in enumerate(sorted(cfg.cross_attention_layers))}
+            self.assembled_weights["tok_embeddings.weight"] = multimodal.image_embedding_recipe()
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -115,11 +110,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens, positions, user_id, last_index):
+    def forward(self, tokens, positions, user_id, last_index, xattn_mask=None, row_mask=None):
         x = ops.embed(tokens, self.tok_embeddings.weight)  # [1, 1, rows, dim]
         cos = ops.rope_rows(self.rope_cos, positions, self.decode)
         sin = ops.rope_rows(self.rope_sin, positions, self.decode)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i in self.cross_before:
+                x = self.cross_attention_layers[self.cross_before[i]](x, xattn_mask, row_mask, user_id)
             x = layer(x, cos, sin, positions, user_id)
         if not self.decode:
             x = ops.last_tile(x, last_index)

@@ -145,7 +145,9 @@ class VisionEncoder(nn.Module):
         self.transformer = ImageTransformer(cfg, cfg.n_layers, gated=False)
         self.global_transformer = ImageTransformer(cfg, cfg.n_global_layers, gated=True)
 
-    def forward(self, pixels, aspect_ratio_id, aspect_ratio_mask):
+    def forward(self, pixels, aspect_ratio_id, aspect_ratio_mask, encoder_mask=None):
+        """`encoder_mask` (optional): the additive mask encoder_attention_mask would make
+        from aspect_ratio_mask, given instead (the compiled program takes it from the host)."""
         cfg = self.cfg
         tiles, n = cfg.max_num_tiles, cfg.tokens_per_tile
         x = self.conv1(pixels)                                        # [1, T, P, D]
@@ -155,8 +157,8 @@ class VisionEncoder(nn.Module):
         x = vops.positional_embedding(x, self.positional_embedding, per_tile, self.gated_positional_embedding_gate)
         x = self.ln_pre(x)
         x = vops.pad_tile_tokens(x, cfg.padded_tokens_per_tile)       # [1, 1, T*Np, D]
-        mask = vops.encoder_attention_mask(aspect_ratio_mask, n, _semantic_padding(cfg),
-                                           cfg.padded_tokens_per_tile)
+        mask = encoder_mask if encoder_mask is not None else vops.encoder_attention_mask(
+            aspect_ratio_mask, n, _semantic_padding(cfg), cfg.padded_tokens_per_tile)
         x, taps = self.transformer(x, mask, cfg.intermediate_layers, cfg.intermediate_taps == "layer_output")
         x = self.ln_post(x)
         x = vops.split_tiles(x, tiles)
@@ -184,8 +186,8 @@ class VisionModel(nn.Module):
         self.vision_encoder = VisionEncoder(cfg)
         self.vision_projection = nn.Linear(cfg.output_dim, cfg.text_dim, bias=True)
 
-    def forward(self, pixels, aspect_ratio_id, aspect_ratio_mask):
-        return self.vision_projection(self.vision_encoder(pixels, aspect_ratio_id, aspect_ratio_mask))
+    def forward(self, pixels, aspect_ratio_id, aspect_ratio_mask, encoder_mask=None):
+        return self.vision_projection(self.vision_encoder(pixels, aspect_ratio_id, aspect_ratio_mask, encoder_mask))
 
 
 class VisionTower(nn.Module):

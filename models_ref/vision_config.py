@@ -54,6 +54,7 @@ class VisionConfig:
     # maths: real tokens attend to padding tokens (only padding-to-padding is masked), so
     # a device that pads further (to 32) must mask the extra rows both ways.
     token_multiple: int = 8
+    image_token_id: int = 128256  # <|image|>: the first embedding row after the vocabulary
 
     @property
     def head_dim(self) -> int:
@@ -146,6 +147,10 @@ def from_hf_config(data: dict, where: str = "config.json", **overrides) -> Visio
         supported_aspect_ratios=tuple(tuple(int(v) for v in r) for r in ratios),
         intermediate_layers=tuple(int(i) for i in vision.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
         text_dim=int(text.get("hidden_size", 4096)),
+        # HF checkpoints compute what the transformers they are checked against computes
+        # (5.x: each tapped layer's output); Meta checkpoints what Meta's reference does.
+        intermediate_taps="layer_output",
+        image_token_id=int(data.get("image_token_index", text.get("vocab_size", 128256))),
     )
     fields.update(overrides)
     cfg = validate(VisionConfig(**fields), where)
@@ -160,6 +165,7 @@ def from_meta_params(params: dict, where: str = "params.json", **overrides) -> V
     """From a Meta params.json: only the tile size and tile count are in the file."""
     max_tiles = int(params.get("vision_max_num_chunks", 4))
     fields = dict(tile_size=int(params.get("vision_chunk_size", 560)), max_num_tiles=max_tiles,
-                  supported_aspect_ratios=all_aspect_ratios(max_tiles), text_dim=int(params["dim"]))
+                  supported_aspect_ratios=all_aspect_ratios(max_tiles), text_dim=int(params["dim"]),
+                  image_token_id=int(params.get("vocab_size", 128256)))
     fields.update(overrides)
     return validate(VisionConfig(**fields), where)

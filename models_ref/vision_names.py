@@ -1,135 +1,54 @@
-"""Weight names of Llama 3.2 Vision's image side, as data: vision encoder, projector,
-cross-attention layers and the image-token embedding rows.
+"""Llama 3.2 Vision's image-side weights: their rows of the one name table
+(models_ref/names.py IMAGE_NAMES), expanded per layer, and the tensor transforms that
+turn a file's tensor into the canonical one.
 
-`NAME_TABLE` is a list of rows (canonical, hf, hf_legacy, meta, role, transform):
-- canonical: the name the reference modules use (vision.VisionTower's state dict, and
-  `text_model.cross_attention_layers.{i}.` + cross_attention.CrossAttentionBlock's names).
-  Canonical names ARE Meta's names (the meta column repeats them); what can differ is the
-  tensor layout, said by `transform`.
-- hf: transformers 5 layout (`model.vision_model.*`, `model.multi_modal_projector.*`,
-  `model.language_model.layers.{h}.*`); hf_legacy: transformers 4 files
-  (`vision_model.*`, `multi_modal_projector.*`, `language_model.model.layers.{h}.*`).
-- placeholders: `{i}` a layer index in its own list (local or global resblock, or Meta's
-  cross-attention layer 0..7); `{h}` the HF decoder index of cross-attention layer i
-  (HF numbers cross- and self-attention layers together: 3, 8, ..., 38 in 11B).
-- transform: how a file's tensor becomes the canonical one
-    identity     same tensor in all three layouts
+Rows carry: canonical (what the reference modules use; Meta's name, with the text
+decoder's `text_model.` prefix dropped as for self-attention layers), hf (transformers 5:
+`model.vision_model.*`, `model.multi_modal_projector.*`, `model.language_model.layers.{h}.*`),
+hf_legacy (transformers 4: `vision_model.*`, `multi_modal_projector.*`,
+`language_model.model.layers.{h}.*`), meta (when not the canonical name), role, and
+transform:
+    identity     same tensor in all layouts
     conv_weight  HF `[D, C, p, p]` -> canonical `[D, C*p*p]` (Meta already stores that)
     ar_table     Meta `[T, T, rows, D]` grid -> canonical `[n_ar+1, T*rows*D]`, one row per
                  aspect-ratio id (row 0 zeros; `meta_ar_table`); HF already stores that
     vocab_rows   HF keeps the 8 image-token rows after the vocabulary in embed_tokens
                  (`[vocab+8, D]`, rows vocab..); Meta has them as learnable_embedding `[8, D]`
+Placeholders: `{i}` a layer index in its own list (local or global resblock, or Meta's
+cross-attention layer 0..7); `{h}` the HF decoder index of cross-attention layer i.
 
 Cross-attention q/k: no RoPE, so NO row permutation (transformers' converter permutes
 self-attention q/k only; its rule `"cross_attn" not in new_key`), and q_norm/k_norm are
-copied as they are. tests/test_vision_ref.py checks that the verbatim copy equals HF and
-that applying the text decoder's permutation to wq/wk breaks it.
+copied as they are (the rows have no `rope_rows`). tests/test_vision_ref.py checks that the
+verbatim copy equals HF and that applying the text decoder's permutation breaks it.
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping, NamedTuple
 
 import torch
 
+from .names import IMAGE_NAMES, Role
 from .vision_config import VisionConfig
 
 CROSS_ATTENTION_QK_PERMUTED = False  # see the module docstring
 
 
 class NameRow(NamedTuple):
+    """One concrete tensor of the image side (a names.IMAGE_NAMES row, expanded)."""
     canonical: str
     hf: str
     hf_legacy: str
     meta: str
-    role: str
+    role: Role
     transform: str
 
 
-_VE = "vision_model.vision_encoder."
-_HV, _LV = "model.vision_model.", "vision_model."
-_XA = "text_model.cross_attention_layers.{i}."
-_HX, _LX = "model.language_model.layers.{h}.", "language_model.model.layers.{h}."
+NAME_TABLE = tuple(row for row in IMAGE_NAMES if row.hf is not None)  # checkpoint tensors only
 
 
-def _vision(canon: str, hf: str, role: str, transform: str = "identity") -> NameRow:
-    return NameRow(_VE + canon, _HV + hf, _LV + hf, _VE + canon, role, transform)
-
-
-def _cross(canon: str, hf: str, role: str) -> NameRow:
-    return NameRow(_XA + canon, _HX + hf, _LX + hf, _XA + canon, role, "identity")
-
-
-def _block(kind: str, hf_kind: str, prefix: str) -> list[NameRow]:
-    c, h = f"{kind}.resblocks.{{i}}.", f"{hf_kind}.layers.{{i}}."
-    rows = [_vision(c + f"attn.w{x}.weight", h + f"self_attn.{x}_proj.weight", f"{prefix}_w{x}") for x in "qkvo"]
-    rows += [
-        _vision(c + "ln_1.weight", h + "input_layernorm.weight", f"{prefix}_ln_1"),
-        _vision(c + "ln_1.bias", h + "input_layernorm.bias", f"{prefix}_ln_1_bias"),
-        _vision(c + "ln_2.weight", h + "post_attention_layernorm.weight", f"{prefix}_ln_2"),
-        _vision(c + "ln_2.bias", h + "post_attention_layernorm.bias", f"{prefix}_ln_2_bias"),
-        _vision(c + "mlp.c_fc.weight", h + "mlp.fc1.weight", f"{prefix}_fc1"),
-        _vision(c + "mlp.c_fc.bias", h + "mlp.fc1.bias", f"{prefix}_fc1_bias"),
-        _vision(c + "mlp.c_proj.weight", h + "mlp.fc2.weight", f"{prefix}_fc2"),
-        _vision(c + "mlp.c_proj.bias", h + "mlp.fc2.bias", f"{prefix}_fc2_bias"),
-    ]
-    return rows
-
-
-NAME_TABLE: list[NameRow] = [
-    _vision("conv1._linear.weight", "patch_embedding.weight", "vision_patch_embed", "conv_weight"),
-    _vision("class_embedding", "class_embedding", "vision_class_embed"),
-    _vision("positional_embedding", "gated_positional_embedding.embedding", "vision_pos_embed"),
-    _vision("gated_positional_embedding", "gated_positional_embedding.tile_embedding.weight",
-            "vision_tile_pos_embed", "ar_table"),
-    _vision("gated_positional_embedding_gate", "gated_positional_embedding.gate", "vision_pos_embed_gate"),
-    _vision("pre_tile_pos_embed.embedding", "pre_tile_positional_embedding.embedding.weight",
-            "vision_pre_tile_embed", "ar_table"),
-    _vision("pre_tile_pos_embed.gate", "pre_tile_positional_embedding.gate", "vision_pre_tile_gate"),
-    _vision("post_tile_pos_embed.embedding", "post_tile_positional_embedding.embedding.weight",
-            "vision_post_tile_embed", "ar_table"),
-    _vision("post_tile_pos_embed.gate", "post_tile_positional_embedding.gate", "vision_post_tile_gate"),
-    _vision("ln_pre.weight", "layernorm_pre.weight", "vision_ln_pre"),
-    _vision("ln_pre.bias", "layernorm_pre.bias", "vision_ln_pre_bias"),
-    _vision("ln_post.weight", "layernorm_post.weight", "vision_ln_post"),
-    _vision("ln_post.bias", "layernorm_post.bias", "vision_ln_post_bias"),
-    *_block("transformer", "transformer", "vision"),
-    *_block("global_transformer", "global_transformer", "vision_global"),
-    _vision("global_transformer.resblocks.{i}.gate_attn", "global_transformer.layers.{i}.gate_attn",
-            "vision_global_gate_attn"),
-    _vision("global_transformer.resblocks.{i}.gate_ffn", "global_transformer.layers.{i}.gate_ffn",
-            "vision_global_gate_ffn"),
-    NameRow("vision_model.vision_projection.weight", "model.multi_modal_projector.weight",
-            "multi_modal_projector.weight", "vision_model.vision_projection.weight", "projector", "identity"),
-    NameRow("vision_model.vision_projection.bias", "model.multi_modal_projector.bias",
-            "multi_modal_projector.bias", "vision_model.vision_projection.bias", "projector_bias", "identity"),
-    _cross("attention.wq.weight", "cross_attn.q_proj.weight", "cross_wq"),
-    _cross("attention.wk.weight", "cross_attn.k_proj.weight", "cross_wk"),
-    _cross("attention.wv.weight", "cross_attn.v_proj.weight", "cross_wv"),
-    _cross("attention.wo.weight", "cross_attn.o_proj.weight", "cross_wo"),
-    _cross("attention.q_norm.weight", "cross_attn.q_norm.weight", "cross_q_norm"),
-    _cross("attention.k_norm.weight", "cross_attn.k_norm.weight", "cross_k_norm"),
-    _cross("attention_norm.weight", "input_layernorm.weight", "cross_attention_norm"),
-    _cross("ffn_norm.weight", "post_attention_layernorm.weight", "cross_ffn_norm"),
-    _cross("feed_forward.w1.weight", "mlp.gate_proj.weight", "cross_w1"),
-    _cross("feed_forward.w2.weight", "mlp.down_proj.weight", "cross_w2"),
-    _cross("feed_forward.w3.weight", "mlp.up_proj.weight", "cross_w3"),
-    _cross("gate_attn", "cross_attn_attn_gate", "cross_attn_gate"),
-    _cross("gate_ffwd", "cross_attn_mlp_gate", "cross_ffn_gate"),
-    NameRow("text_model.learnable_embedding.weight", "model.language_model.embed_tokens.weight",
-            "language_model.model.embed_tokens.weight", "text_model.learnable_embedding.weight",
-            "image_token_embedding", "vocab_rows"),
-]
-
-
-def _count(row: NameRow, vcfg: VisionConfig, n_cross: int) -> int:
-    if row.canonical.startswith(_VE + "transformer."):
-        return vcfg.n_layers
-    if row.canonical.startswith(_VE + "global_transformer."):
-        return vcfg.n_global_layers
-    if row.canonical.startswith("text_model.cross_attention_layers."):
-        return n_cross
-    return 1
+def _count(row, vcfg: VisionConfig, n_cross: int) -> int:
+    return {"vision": vcfg.n_layers, "vision_global": vcfg.n_global_layers, "cross": n_cross}.get(row.repeat, 1)
 
 
 def expand(vcfg: VisionConfig, hf_cross_layers: list[int] | tuple[int, ...]) -> list[NameRow]:
@@ -139,8 +58,10 @@ def expand(vcfg: VisionConfig, hf_cross_layers: list[int] | tuple[int, ...]) -> 
     out = []
     for row in NAME_TABLE:
         for i in range(_count(row, vcfg, len(hf_cross_layers))):
-            h = hf_cross_layers[i] if "{h}" in row.hf else 0
-            out.append(NameRow(*(f.format(i=i, h=h) for f in row[:4]), row.role, row.transform))
+            h = hf_cross_layers[i] if row.repeat == "cross" else 0
+            canonical = row.canonical.format(i=i)
+            out.append(NameRow(canonical, row.hf.format(i=i, h=h), row.hf_legacy.format(i=i, h=h),
+                               (row.meta or row.canonical).format(i=i), row.role, row.transform))
     return out
 
 
@@ -148,35 +69,26 @@ def canonical_shapes(vcfg: VisionConfig, dim: int, n_heads: int, n_kv_heads: int
                      n_cross: int) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape (text sizes: the decoder's dim, heads, KV heads, FFN)."""
     d, hd, t, n = vcfg.dim, dim // n_heads, vcfg.max_num_tiles, vcfg.tokens_per_tile
+    ar = vcfg.n_aspect_ratios + 1
     by_role = {
-        "vision_patch_embed": (d, vcfg.num_channels * vcfg.patch_size ** 2), "vision_class_embed": (d,),
-        "vision_pos_embed": (n, d), "vision_tile_pos_embed": (vcfg.n_aspect_ratios + 1, t * n * d),
-        "vision_pre_tile_embed": (vcfg.n_aspect_ratios + 1, t * d),
-        "vision_post_tile_embed": (vcfg.n_aspect_ratios + 1, t * d),
-        "projector": (dim, vcfg.output_dim), "projector_bias": (dim,),
-        "cross_wq": (n_heads * hd, dim), "cross_wk": (n_kv_heads * hd, dim), "cross_wv": (n_kv_heads * hd, dim),
-        "cross_wo": (dim, n_heads * hd), "cross_q_norm": (hd,), "cross_k_norm": (hd,),
-        "cross_attention_norm": (dim,), "cross_ffn_norm": (dim,), "cross_w1": (ffn_dim, dim),
-        "cross_w3": (ffn_dim, dim), "cross_w2": (dim, ffn_dim), "image_token_embedding": (8, dim),
+        Role.VISION_PATCH_EMBED: (d, vcfg.num_channels * vcfg.patch_size ** 2), Role.VISION_CLASS_EMBED: (d,),
+        Role.VISION_POS_EMBED: (n, d), Role.VISION_TILE_POS_EMBED: (ar, t * n * d),
+        Role.VISION_PRE_TILE_EMBED: (ar, t * d), Role.VISION_POST_TILE_EMBED: (ar, t * d),
+        Role.VISION_NORM: (d,), Role.VISION_NORM_BIAS: (d,),
+        Role.VISION_WQ: (d, d), Role.VISION_WK: (d, d), Role.VISION_WV: (d, d), Role.VISION_WO: (d, d),
+        Role.VISION_FC1: (vcfg.ffn_dim, d), Role.VISION_FC1_BIAS: (vcfg.ffn_dim,),
+        Role.VISION_FC2: (d, vcfg.ffn_dim), Role.VISION_FC2_BIAS: (d,),
+        Role.PROJECTOR: (dim, vcfg.output_dim), Role.PROJECTOR_BIAS: (dim,),
+        Role.CROSS_WQ: (n_heads * hd, dim), Role.CROSS_WK: (n_kv_heads * hd, dim),
+        Role.CROSS_WV: (n_kv_heads * hd, dim), Role.CROSS_WO: (dim, n_heads * hd),
+        Role.CROSS_Q_NORM: (hd,), Role.CROSS_K_NORM: (hd,), Role.CROSS_ATTENTION_NORM: (dim,),
+        Role.CROSS_FFN_NORM: (dim,), Role.CROSS_W1: (ffn_dim, dim), Role.CROSS_W3: (ffn_dim, dim),
+        Role.CROSS_W2: (dim, ffn_dim), Role.IMAGE_TOKEN_EMBEDDING: (8, dim),
     }
-    shapes = {}
-    for row in expand(vcfg, list(range(n_cross))):
-        r = row.role
-        if r in by_role:
-            shapes[row.canonical] = by_role[r]
-        elif r.endswith(("gate", "gate_attn", "gate_ffn")):
-            shapes[row.canonical] = (1,)
-        elif r.endswith(("_wq", "_wk", "_wv", "_wo")):
-            shapes[row.canonical] = (d, d)
-        elif r.endswith("_fc1"):
-            shapes[row.canonical] = (vcfg.ffn_dim, d)
-        elif r.endswith("_fc1_bias"):
-            shapes[row.canonical] = (vcfg.ffn_dim,)
-        elif r.endswith("_fc2"):
-            shapes[row.canonical] = (d, vcfg.ffn_dim)
-        else:  # layer norms and the fc2 bias
-            shapes[row.canonical] = (d,)
-    return shapes
+    gates = (Role.VISION_POS_GATE, Role.VISION_PRE_TILE_GATE, Role.VISION_POST_TILE_GATE, Role.VISION_GATE_ATTN,
+             Role.VISION_GATE_FFN, Role.CROSS_GATE_ATTN, Role.CROSS_GATE_FFN)
+    by_role.update({g: (1,) for g in gates})
+    return {row.canonical: by_role[row.role] for row in expand(vcfg, list(range(n_cross)))}
 
 
 def hf_name_map(vcfg: VisionConfig, hf_cross_layers) -> dict[str, NameRow]:
@@ -215,6 +127,19 @@ def to_canonical(row: NameRow, tensor: torch.Tensor, source: str, vcfg: VisionCo
     return tensor
 
 
+def canonical_shape(row: NameRow, shape, source: str, vcfg: VisionConfig, vocab_size: int | None = None) -> tuple:
+    """The canonical shape of a file's tensor of `shape` (what to_canonical would give)."""
+    shape = tuple(shape)
+    if row.transform == "conv_weight" and source == "hf":
+        return (shape[0], int(torch.tensor(shape[1:]).prod()))
+    if row.transform == "ar_table" and source == "meta":
+        tiles, rows, dim = shape[0], (shape[2] if len(shape) == 4 else 1), shape[-1]
+        return (vcfg.n_aspect_ratios + 1, tiles * rows * dim)
+    if row.transform == "vocab_rows" and source == "hf":
+        return (shape[0] - (vocab_size or 0),) + shape[1:]
+    return shape
+
+
 def canonical_from_hf(state: Mapping[str, torch.Tensor], vcfg: VisionConfig, hf_cross_layers,
                       vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """The image-side tensors of an HF state dict (either layout), canonical names and layouts."""
@@ -225,9 +150,9 @@ def canonical_from_hf(state: Mapping[str, torch.Tensor], vcfg: VisionConfig, hf_
 
 def canonical_from_meta(state: Mapping[str, torch.Tensor], vcfg: VisionConfig, n_cross: int
                         ) -> dict[str, torch.Tensor]:
-    """The image-side tensors of a Meta state dict, canonical layouts (names are Meta's)."""
+    """The image-side tensors of a Meta state dict, canonical names and layouts."""
     rows = {row.meta: row for row in expand(vcfg, list(range(n_cross)))}
-    return {k: to_canonical(rows[k], t, "meta", vcfg) for k, t in state.items() if k in rows}
+    return {rows[k].canonical: to_canonical(rows[k], t, "meta", vcfg) for k, t in state.items() if k in rows}
 
 
 def projector_columns_for_concat(weight: torch.Tensor, dim: int, n_taps: int) -> torch.Tensor:
@@ -237,12 +162,3 @@ def projector_columns_for_concat(weight: torch.Tensor, dim: int, n_taps: int) ->
     final, inter = weight[:, :dim], weight[:, dim:]
     inter = inter.reshape(weight.shape[0], dim, n_taps).transpose(1, 2).reshape(weight.shape[0], dim * n_taps)
     return torch.cat([final, inter], dim=1)
-
-
-_CROSS_INDEX = re.compile(r"text_model\.cross_attention_layers\.(\d+)\.")
-
-
-def cross_layer_prefix(name: str) -> tuple[int, str] | None:
-    """`text_model.cross_attention_layers.3.attention.wq.weight` -> (3, 'attention.wq.weight')."""
-    m = _CROSS_INDEX.match(name)
-    return (int(m.group(1)), name[m.end():]) if m else None

@@ -30,9 +30,9 @@ def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
 @torch.fx.wrap
 def aspect_ratio_rows(table: torch.Tensor, aspect_ratio_id: torch.Tensor, tiles: int, rows: int,
                       dim: int) -> torch.Tensor:
-    """Row `aspect_ratio_id` of a per-aspect-ratio table `[n_ar + 1, T*rows*dim]` as
-    `[1, T, rows, dim]` (an embedding lookup: the ids are data, not control flow)."""
-    return F.embedding(aspect_ratio_id.reshape(1), table).reshape(1, tiles, rows, dim)
+    """Row `aspect_ratio_id` (an int, or a tensor of one id) of a per-aspect-ratio table
+    `[n_ar + 1, T*rows*dim]` as `[1, T, rows, dim]`: a row lookup, the id is data."""
+    return table[aspect_ratio_id].reshape(1, tiles, rows, dim)
 
 
 @torch.fx.wrap
@@ -50,8 +50,11 @@ def prepend_class_token(x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 
 @torch.fx.wrap
 def positional_embedding(x: torch.Tensor, local: torch.Tensor, per_tile: torch.Tensor,
-                         gate: torch.Tensor) -> torch.Tensor:
-    """x + (1 - tanh g) * local `[N, D]` + tanh g * per_tile `[1, T, N, D]` (HF's order)."""
+                         gate: torch.Tensor | None) -> torch.Tensor:
+    """x + (1 - tanh g) * local `[N, D]` + tanh g * per_tile `[1, T, N, D]` (HF's order).
+    With gate None, local and per_tile come with the gate folded in (passes/fold_gates.py)."""
+    if gate is None:
+        return x + local.reshape(1, 1, *local.shape[-2:]) + per_tile
     g = gate.tanh()
     x = x + ((1 - g) * local)[None, None]
     return x + g * per_tile
@@ -62,6 +65,12 @@ def pad_tile_tokens(x: torch.Tensor, padded: int) -> torch.Tensor:
     """`[1, T, N, D]` -> `[1, 1, T*padded, D]`: zero rows after each tile's tokens."""
     _, tiles, n, dim = x.shape
     return F.pad(x, (0, 0, 0, padded - n)).reshape(1, 1, tiles * padded, dim)
+
+
+@torch.fx.wrap
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`[1, 1, R, D]` -> `[1, 1, rows, D]`: zero rows appended (rows >= R)."""
+    return F.pad(x, (0, 0, 0, rows - x.shape[2]))
 
 
 @torch.fx.wrap

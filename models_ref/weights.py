@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, ModelConfig, from_meta_params, load_config
+from . import vision_names
 from .names import Role, canonical_name, hf_to_canonical, meta_shard_dim, rope_rows
 
 
@@ -42,7 +43,16 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         per_layer.update({Role.Q_NORM: (hd,), Role.K_NORM: (hd,)})
     for i in range(cfg.n_layers):
         out.update({canonical_name(role, i): shape for role, shape in per_layer.items()})
+    if cfg.vision is not None:  # Llama 3.2 Vision: tower, projector, cross-attention layers
+        out.update(vision_names.canonical_shapes(cfg.vision, d, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim,
+                                                 len(cfg.cross_attention_layers)))
     return out
+
+
+def hf_cross_layer_indices(cfg: ModelConfig) -> list[int]:
+    """HF decoder indices of the cross-attention layers (HF numbers them among the
+    self-attention layers; ModelConfig numbers the self-attention layer each precedes)."""
+    return [i + rank for rank, i in enumerate(sorted(cfg.cross_attention_layers))]
 
 
 def hf_to_meta_name(name: str) -> str | None:
@@ -227,9 +237,21 @@ class SafetensorsReader(CheckpointReader):
         rows = self._shapes.get("tok_embeddings.weight", (0,))[0]
         if layer_map is not None and rows > cfg.vocab_size:
             # mllama's embedding has rows for image tokens after the vocabulary (8 more in
-            # Llama 3.2 Vision); the text program never looks them up.
+            # Llama 3.2 Vision): tok_embeddings is the vocabulary, learnable_embedding the rest.
             self._extra_rows = rows - cfg.vocab_size
             self._shapes["tok_embeddings.weight"] = (cfg.vocab_size,) + self._shapes["tok_embeddings.weight"][1:]
+        # Llama 3.2 Vision's image side: the vision tower, the projector, the cross-attention
+        # layers and the image-token rows (names.IMAGE_NAMES, both HF layouts).
+        self._image: dict[str, tuple[Path, str, vision_names.NameRow]] = {}
+        if cfg.vision is not None:
+            rows_by_key = vision_names.hf_name_map(cfg.vision, hf_cross_layer_indices(cfg))
+            for f, handle in self._handles.items():
+                for key in handle.keys():
+                    row = rows_by_key.get(key)
+                    if row is not None:
+                        self._image[row.canonical] = (f, key, row)
+                        self._shapes[row.canonical] = vision_names.canonical_shape(
+                            row, handle.get_slice(key).get_shape(), "hf", cfg.vision, cfg.vocab_size)
 
     def shapes(self):
         return dict(self._shapes)
@@ -239,12 +261,18 @@ class SafetensorsReader(CheckpointReader):
             return str(self._where[name][0])
         return str(self._index) if self._index else super().where(name)
 
-    def get(self, name: str) -> torch.Tensor:
-        path, key = self._where[name]
+    def _read(self, path: Path, key: str) -> torch.Tensor:
         try:
-            t = self._handles[path].get_tensor(key)
+            return self._handles[path].get_tensor(key)
         except Exception as e:
             raise WeightError(f"{path}: cannot read tensor '{key}' ({_first_line(e)})") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._image:
+            path, key, row = self._image[name]
+            return vision_names.to_canonical(row, self._read(path, key), "hf", self.cfg.vision, self.cfg.vocab_size)
+        path, key = self._where[name]
+        t = self._read(path, key)
         if name == "tok_embeddings.weight" and self._extra_rows:
             t = t[: self.cfg.vocab_size]
         return hf_to_meta_layout(t, name, self.cfg)
@@ -330,15 +358,24 @@ class MetaReader(CheckpointReader):
             if bad is not None:
                 raise WeightError(f"{f}: entry '{bad}' is not a tensor")
         # Llama 3.2 Vision's Meta checkpoints keep the text decoder under "text_model."
-        # (its cross_attention_layers.* and learnable_embedding are not in the text program).
+        # and the image side under vision_model.* (rows of names.IMAGE_NAMES).
         self._prefix = "text_model." if any(k.startswith("text_model.") for k in self._shards[0]) else ""
         tied = self._prefix + "output.weight" not in self._shards[0]
         self.cfg = cfg.replace(tie_word_embeddings=tied)
+        self._image: dict[str, vision_names.NameRow] = {}
+        if cfg.vision is not None:
+            if len(self._shards) > 1:
+                raise WeightError(f"{model_dir}: Llama 3.2 Vision Meta checkpoints in {len(self._shards)} "
+                                  "model-parallel shards are not supported (one consolidated.00.pth is)")
+            rows = vision_names.expand(cfg.vision, list(range(len(cfg.cross_attention_layers))))
+            self._image = {row.canonical: row for row in rows if row.meta in self._shards[0]}
 
     def shapes(self):
-        out = {}
+        out = {name: vision_names.canonical_shape(row, self._shards[0][row.meta].shape, "meta", self.cfg.vision)
+               for name, row in self._image.items()}
+        image_keys = {row.meta for row in self._image.values()}
         for key, t in self._shards[0].items():
-            if not key.startswith(self._prefix):
+            if not key.startswith(self._prefix) or key in image_keys:
                 continue
             name = key[len(self._prefix):]
             dim = _meta_shard_dim(name)
@@ -349,6 +386,12 @@ class MetaReader(CheckpointReader):
         return out
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._image:
+            row = self._image[name]
+            t = self._shards[0][row.meta]
+            out = vision_names.to_canonical(row, t, "meta", self.cfg.vision).clone()
+            self._pages.release(t)
+            return out
         dim, key = _meta_shard_dim(name), self._prefix + name
         if dim is None or len(self._shards) == 1:
             parts = [self._shards[0][key]]

@@ -1,7 +1,8 @@
 """canonicalize: bring the traced graph into the compiler's dialect (compiler/dialect.py).
 
-Expects: a graph fresh from compiler.trace (nn.Linear modules as call_module, operator
-add/mul, F.silu, reference leaves, get_attr for every weight, rope table and cache).
+Expects: a graph fresh from compiler.trace (nn.Linear and nn.LayerNorm modules as
+call_module, operator add/mul, F.silu/F.gelu, reference leaves, get_attr for every
+weight, rope table and cache).
 Guarantees: every call_function targets a DIALECT op; linears read `[K, N]` weights (the
 transpose of the checkpoint's `[out, in]`, recorded in the weight recipe, as ttnn.linear
 takes them) with biases as `[1, N]`; unused placeholders are gone; every node carries
@@ -27,12 +28,26 @@ from .util import drop_unused_get_attrs, get_attr, layer_of_name, replace
 
 NAME = "canonicalize"
 
-_FUNCTIONS = {operator.add: dialect.add, operator.mul: dialect.mul, F.silu: dialect.silu}
+_FUNCTIONS = {operator.add: dialect.add, operator.mul: dialect.mul, F.silu: dialect.silu, F.gelu: dialect.gelu}
 
 
-def _linear(gm, ctx, node: torch.fx.Node) -> None:
+def _layer_norm(gm, ctx, node: torch.fx.Node, module: nn.LayerNorm) -> None:
+    weight = get_attr(gm, node, f"{node.target}.weight")
+    bias = get_attr(gm, node, f"{node.target}.bias")
+    replace(gm, node, dialect.layer_norm, (node.args[0], weight, bias, module.eps))
+
+
+def _module(gm, ctx, node: torch.fx.Node) -> None:
     module = gm.get_submodule(node.target)
-    assert isinstance(module, nn.Linear), f"unexpected module {type(module).__name__}"
+    if isinstance(module, nn.LayerNorm):
+        _layer_norm(gm, ctx, node, module)
+    elif isinstance(module, nn.Linear):
+        _linear(gm, ctx, node, module)
+    else:
+        raise TypeError(f"no dialect form for module {type(module).__name__} ({node.target})")
+
+
+def _linear(gm, ctx, node: torch.fx.Node, module: nn.Linear) -> None:
     weights = ctx.facts.weights
     w = weights[f"{node.target}.weight"]
     w.shape, w.recipe = w.shape[::-1], ["transpose", w.recipe]
@@ -83,7 +98,7 @@ def _annotate_layers(gm: torch.fx.GraphModule) -> None:
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
-            _linear(gm, ctx, node)
+            _module(gm, ctx, node)
         elif node.op == "call_function" and node.target in _FUNCTIONS:
             replace(gm, node, _FUNCTIONS[node.target], node.args)
         elif node.op == "placeholder" and not node.users:

@@ -33,7 +33,7 @@ def _fill_of(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    if ctx.decode or not ctx.options.paged_attention:
+    if ctx.mode != "prefill" or not ctx.options.paged_attention:
         return gm
     page_table = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "page_table")
     chunk_start = add_placeholder(gm, "chunk_start")

@@ -20,13 +20,19 @@ import torch.fx
 from compiler import dialect
 from compiler.facts import LAYER, FusedPart, WeightSpec
 from models_ref import ops as ref
-from models_ref.names import Role, canonical_name
+from models_ref.names import Role
 
 from .util import drop_unused_get_attrs, get_attr, replace
 
 NAME = "fuse_qkv"
-_WEIGHTS = (Role.WQ, Role.WK, Role.WV)
-_BIASES = (Role.BQ, Role.BK, Role.BV)
+# Self-attention projections that fuse: (q, k, v weight roles) -> (fused weight role,
+# bias roles, fused bias role). The text decoder's (with Qwen2's biases) and the vision
+# encoder's; cross-attention's q has no k/v beside it (they are computed per image).
+FUSIONS = {
+    (Role.WQ, Role.WK, Role.WV): (Role.WQKV, (Role.BQ, Role.BK, Role.BV), Role.BQKV),
+    (Role.VISION_WQ, Role.VISION_WK, Role.VISION_WV): (Role.VISION_WQKV, None, None),
+}
+_PART_ROLES = {role for roles in FUSIONS for role in roles}
 
 
 def _projection(node: torch.fx.Node, weights):
@@ -36,10 +42,10 @@ def _projection(node: torch.fx.Node, weights):
     if not (isinstance(lin, torch.fx.Node) and lin.target is dialect.linear and len(lin.users) == 1):
         return None
     role = weights[lin.args[1].target].role
-    return (role, lin, node) if role in _WEIGHTS else None
+    return (role, lin, node) if role in _PART_ROLES else None
 
 
-def _fused_spec(ctx, linears: list, roles: tuple[Role, ...], fused_role: Role, widths: list[int],
+def _fused_spec(ctx, linears: list, roles: tuple[Role, ...] | None, fused_role: Role, widths: list[int],
                 slot: int) -> WeightSpec | None:
     """The fused [q|k|v] weight (slot 1 of the linears) or bias (slot 2). A projection
     without a bias contributes zeros, so a model biased on only some of them keeps its
@@ -48,13 +54,17 @@ def _fused_spec(ctx, linears: list, roles: tuple[Role, ...], fused_role: Role, w
     specs = [ctx.facts.weights[n.target] if n is not None else None for n in nodes]
     if all(s is None for s in specs):
         return None
+    if roles is None:
+        raise ValueError(f"{fused_role.value}: the projections carry biases this fusion has no role for")
     first = next(s for s in specs if s is not None)
     rows = first.shape[0]
     parts = tuple(FusedPart(role, s.recipe if s is not None else ["zeros", [rows, w]], w)
                   for role, s, w in zip(roles, specs, widths))
-    return WeightSpec(canonical_name(fused_role, first.layer), (rows, sum(widths)),
-                      ["concat", 1, [p.recipe for p in parts]], layer=first.layer, role=fused_role,
-                      fused=parts)
+    name = ctx.facts.weights[linears[0].args[1].target].name.replace(".wq.", ".wqkv.")  # the canonical rule
+    if slot == 2:
+        name = name.rsplit(".", 1)[0] + ".bias"
+    return WeightSpec(name, (rows, sum(widths)), ["concat", 1, [p.recipe for p in parts]], layer=first.layer,
+                      role=fused_role, fused=parts)
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
@@ -66,13 +76,15 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 role, lin, split = found
                 groups.setdefault(lin.args[0], {})[role] = (lin, split)
     for x, parts in groups.items():
-        if set(parts) != set(_WEIGHTS):
+        triple = next((roles for roles in FUSIONS if set(parts) == set(roles)), None)
+        if triple is None:
             continue
-        linears = [parts[r][0] for r in _WEIGHTS]
-        q_split, k_split, v_split = (parts[r][1] for r in _WEIGHTS)
+        fused_role, bias_roles, fused_bias_role = FUSIONS[triple]
+        linears = [parts[r][0] for r in triple]
+        q_split, k_split, v_split = (parts[r][1] for r in triple)
         widths = [ctx.facts.weights[lin.args[1].target].shape[1] for lin in linears]
-        weight = _fused_spec(ctx, linears, _WEIGHTS, Role.WQKV, widths, 1)
-        bias = _fused_spec(ctx, linears, _BIASES, Role.BQKV, widths, 2)
+        weight = _fused_spec(ctx, linears, triple, fused_role, widths, 1)
+        bias = _fused_spec(ctx, linears, bias_roles, fused_bias_role, widths, 2)
         for spec in (weight, bias):
             if spec is not None:
                 ctx.facts.weights[spec.name] = spec

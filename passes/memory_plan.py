@@ -54,7 +54,8 @@ import torch.fx
 
 from compiler import dialect
 from compiler.facts import LAYER, VAL
-from compiler.memory import CROSS_ATTENTION, GB, MemoryPlan, device_bytes, weight_category
+from compiler.memory import CROSS_CACHE, GB, MemoryPlan, device_bytes, weight_category
+from models_ref.names import CROSS_CACHES
 from compiler.trace import ALT_SEQ_ROWS
 from runtime import schedule
 from runtime.blockfloat import bytes_for
@@ -73,10 +74,12 @@ def _layers_in_graph(ctx) -> set[int]:
 
 
 def _account_weights(plan: MemoryPlan, ctx) -> None:
+    """Weights of this graph and those of the program's other functions compiled before it
+    (ctx.resident: Llama 3.2 Vision's tower), each weight once."""
     mesh = ctx.target.mesh_shape
     layers = _layers_in_graph(ctx)
     per_layer: dict[tuple[str, str], int] = {}  # (category, dtype) -> bytes of the graph's layers
-    for spec in ctx.facts.weights.values():
+    for spec in {**ctx.resident, **ctx.facts.weights}.values():
         local = spec.placement.local_shape(spec.shape, mesh)
         size = device_bytes(local, spec.dtype)
         category = weight_category(spec.role)
@@ -89,32 +92,23 @@ def _account_weights(plan: MemoryPlan, ctx) -> None:
             plan.weights_by_dtype[spec.dtype] = plan.weights_by_dtype.get(spec.dtype, 0) + size
         else:
             per_layer[(category, spec.dtype)] = per_layer.get((category, spec.dtype), 0) + size
-    cross = len(ctx.cfg.cross_attention_layers)
     for (category, dtype), size in per_layer.items():
         total = size * ctx.cfg.n_layers // len(layers)  # the graph may hold fewer layers than the model
         plan.weights[category] = plan.weights.get(category, 0) + total
-        # Llama 3.2 Vision: a gated cross-attention layer holds a decoder layer's projections
-        # and norms (wq, wk, wv, wo, w1, w2, w3), same shapes, dtypes and sharding, plus
-        # per-head q/k norms and two scalar gates (below).
-        extra = size * cross // len(layers)
-        plan.weights_by_dtype[dtype] = plan.weights_by_dtype.get(dtype, 0) + total + extra
-        if cross:
-            plan.weights[CROSS_ATTENTION] = plan.weights.get(CROSS_ATTENTION, 0) + extra
-    if cross:
-        extra = cross * 2 * device_bytes((ctx.cfg.head_dim,), "bfloat16")
-        plan.weights[CROSS_ATTENTION] += extra
-        plan.weights_by_dtype["bfloat16"] = plan.weights_by_dtype.get("bfloat16", 0) + extra
-        plan.notes.append(f"{cross} cross-attention layers are not in the text-only program; "
-                          "their weights are counted as resident")
+        plan.weights_by_dtype[dtype] = plan.weights_by_dtype.get(dtype, 0) + total
 
 
 def _account_state(plan: MemoryPlan, ctx) -> None:
-    """KV bytes per token slot (all layers, K and V) and the page pool's slots."""
+    """KV bytes per token slot (all layers, K and V) and the page pool's slots; Llama 3.2
+    Vision's cross-attention caches (a row per user, written per image) are fixed bytes."""
     mesh = ctx.target.mesh_shape
     layers = _layers_in_graph(ctx) or {0}
     per_token, slots = Fraction(0), set()
     for spec in ctx.facts.state.values():
         local = spec.placement.local_shape(spec.shape, mesh)
+        if spec.role in CROSS_CACHES:
+            plan.weights[CROSS_CACHE] = plan.weights.get(CROSS_CACHE, 0) + device_bytes(local, spec.dtype)
+            continue
         tokens = local[0] * local[2]  # [batch | blocks, kv heads, positions | block, head_dim]
         slots.add(tokens)
         count = Fraction(ctx.cfg.n_layers, len(layers)) if spec.layer is not None else 1
@@ -218,8 +212,9 @@ def _gb(n: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
-# Weights a tensor-parallel target splits over its chips; the rest every chip holds whole.
-_SPLIT_CATEGORIES = ("attention", "mlp", "lm_head", CROSS_ATTENTION)
+# Weights a tensor-parallel target splits over its chips; the rest every chip holds whole
+# (in this version, Llama 3.2 Vision's tower and cross-attention layers too).
+_SPLIT_CATEGORIES = ("attention", "mlp", "lm_head")
 
 
 def _kv_heads_per_chip(cfg, chips: int) -> int:
@@ -312,7 +307,10 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     _account_weights(plan, ctx)
     _account_state(plan, ctx)
     plan.collectives_per_layer[ctx.mode] = _collectives_per_layer(gm)
-    if ctx.decode:
+    if ctx.mode == "vision":  # one image at a time, between prefills: its peak beside the weights
+        plan.other_activation_bytes = max(_live_points(gm), default=0)
+        plan.context = ctx.max_seq_len
+    elif ctx.decode:
         plan.decode_activation_bytes = max(_live_points(gm), default=0)
         plan.context = ctx.max_seq_len
         if plan.decode_activation_bytes > plan.l1_bytes:
@@ -321,6 +319,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                             f"which has {plan.l1_bytes / 2**20:.0f} MB; use a smaller --batch-size")
     else:
         plan.activation_points = _activation_envelope(gm, ctx)
+        plan.other_activation_bytes = ctx.other_activation_bytes
         explicit = ctx.options.max_seq_len is not None
         decide(plan, ctx, ctx.max_seq_len if explicit else None, ctx.options.max_prefill_chunk)
     ctx.facts.memory = plan

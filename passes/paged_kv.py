@@ -2,7 +2,8 @@
 
 Expects: caches as state `[batch, Hkv, max_seq_len, hd]` (per chip after shard), written
 by fill_cache (prefill) and update_cache (decode), read by decode_attention.
-Guarantees (when options.paged_attention, the default): every cache is a pool
+Guarantees (when options.paged_attention, the default): every self-attention cache (role
+K_CACHE / V_CACHE; Llama 3.2 Vision's cross-attention caches stay one row per user) is a pool
 `[max_num_blocks, Hkv, block_size, hd]`; the graph takes `page_table` (decode:
 `[batch, max_seq_len / block_size]`, one row per user; prefill: the prefilled user's row
 `[1, max_seq_len / block_size]`) and, in prefill, `chunk_page_table` `[1, S / block_size]`
@@ -19,6 +20,7 @@ import torch.fx
 
 from compiler import dialect
 from compiler.errors import CompileError
+from models_ref.names import CACHES
 from runtime import schedule
 from models_ref import ops as ref
 
@@ -38,7 +40,8 @@ def add_placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
 
 
 def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    if not ctx.options.paged_attention:
+    caches = [spec for spec in ctx.facts.state.values() if spec.role in CACHES]
+    if not ctx.options.paged_attention or not caches:  # (a vision function has none)
         return gm
     bs = ctx.options.block_size
     if ctx.max_seq_len % bs:
@@ -49,7 +52,7 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     except schedule.PoolTooSmall as e:
         raise CompileError(str(e)) from None
     ctx.counters["paged_kv.pool_blocks"] = blocks
-    for spec in ctx.facts.state.values():
+    for spec in caches:
         _, kv_heads, _, head_dim = spec.shape
         spec.shape = (blocks, kv_heads, bs, head_dim)
 

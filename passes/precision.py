@@ -43,17 +43,19 @@ class Policy:
     ff1_ff3_fidelity: str = "HiFi2"
     default_fidelity: str = "HiFi2"
     attention_fidelity: str = "HiFi4"
+    vision: str = "bfloat16"  # Llama 3.2 Vision's encoder and projector matmul weights
 
 
 POLICIES: dict[str, Policy] = {
     "performance": Policy(attention="bfloat8_b", ff1_ff3="bfloat4_b", ff2="bfloat8_b",
-                          kv_cache="bfloat8_b", lm_head="bfloat8_b", ff1_ff3_fidelity="LoFi"),
+                          kv_cache="bfloat8_b", lm_head="bfloat8_b", ff1_ff3_fidelity="LoFi",
+                          vision="bfloat8_b"),
     "accuracy": Policy(attention="bfloat16", ff1_ff3="bfloat8_b", ff2="bfloat8_b",
                        kv_cache="bfloat16", lm_head="bfloat8_b", partial_sums="float32"),
     "float32": Policy(attention="float32", ff1_ff3="float32", ff2="float32", kv_cache="float32",
                       lm_head="float32", activations="float32", embeddings="float32",
                       partial_sums="float32",
-                      ff1_ff3_fidelity="HiFi4", default_fidelity="HiFi4"),
+                      ff1_ff3_fidelity="HiFi4", default_fidelity="HiFi4", vision="float32"),
 }
 
 B = 10 ** 9
@@ -105,6 +107,11 @@ ROLE_FIELDS: dict[Role, str] = {
     Role.WQ: "attention", Role.WK: "attention", Role.WV: "attention", Role.WQKV: "attention",
     Role.WO: "attention", Role.W1: "ff1_ff3", Role.W3: "ff1_ff3", Role.W2: "ff2",
     Role.LM_HEAD: "lm_head", Role.EMBEDDING: "embeddings",
+    # Llama 3.2 Vision: cross-attention layers as the decoder's; the tower and projector
+    **{r: "attention" for r in (Role.CROSS_WQ, Role.CROSS_WK, Role.CROSS_WV, Role.CROSS_WO)},
+    Role.CROSS_W1: "ff1_ff3", Role.CROSS_W3: "ff1_ff3", Role.CROSS_W2: "ff2",
+    **{r: "vision" for r in (Role.VISION_WQKV, Role.VISION_WQ, Role.VISION_WK, Role.VISION_WV, Role.VISION_WO,
+                             Role.VISION_FC1, Role.VISION_FC2, Role.VISION_PATCH_EMBED, Role.PROJECTOR)},
 }
 
 

@@ -9,7 +9,8 @@ Guarantees: every weight and cache has a Placement and the graph is per chip:
 - w1/w3 are column-parallel and w2 row-parallel (followed by an all_reduce), the hidden
   size zero-padded to split evenly in tiles (or to PAD_MLP_CORES cores per chip);
 - the LM head is column-parallel over a padded vocabulary, followed by an all_gather;
-- residuals, norms, embeddings and rope tables are replicated.
+- residuals, norms, embeddings and rope tables are replicated; so are (in this version)
+  Llama 3.2 Vision's vision tower and cross-attention layers: every chip computes them.
 Node placements follow from these weight and cache placements: compiler/placement.py,
 which the pipeline re-runs after every pass.
 On a TG mesh the tensor-parallel group is all 32 chips (both axes, row-major), so every
@@ -26,7 +27,7 @@ import torch.fx
 
 from compiler import dialect
 from compiler.facts import LAYER, Placement
-from models_ref.names import Role
+from models_ref.names import CACHES, Role
 
 from .head_plan import padded_size, plan_heads
 
@@ -62,7 +63,7 @@ def _reduce_after(gm, node, axes) -> None:
 def _shard_attention(gm, ctx, plan, axes) -> None:
     weights, hd = ctx.facts.weights, ctx.cfg.head_dim
     for node in list(gm.graph.nodes):
-        if node.target is dialect.qkv_heads:
+        if node.target is dialect.qkv_heads and weights[node.args[0].args[1].target].role is Role.WQKV:
             x_node, _, _, head_dim, decode = node.args
             node.args = (x_node, plan.local_q, plan.local_kv, head_dim, decode)
             for attr in x_node.args[1:]:
@@ -84,8 +85,9 @@ def _shard_attention(gm, ctx, plan, axes) -> None:
             _column(spec, axes, 0)
             _reduce_after(gm, node, axes)
     for spec in ctx.facts.state.values():  # [B, Hkv, L, hd] -> local KV heads per chip
-        spec.shape = (spec.shape[0], plan.chips * plan.local_kv) + tuple(spec.shape[2:])
-        spec.placement = Placement(1, axes)
+        if spec.role in CACHES:
+            spec.shape = (spec.shape[0], plan.chips * plan.local_kv) + tuple(spec.shape[2:])
+            spec.placement = Placement(1, axes)
 
 
 def _pad(spec, dim: int, size: int, axes) -> None:
@@ -100,7 +102,7 @@ def _shard_mlp(gm, ctx, chips, axes) -> None:
     cores = ctx.options.pad_mlp_cores or 1
     hidden = padded_size(ctx.cfg.ffn_dim, chips, 32 * cores)
     for node in list(gm.graph.nodes):
-        if node.target is dialect.gated_mlp:
+        if node.target is dialect.gated_mlp and weights[node.args[1].target].role is Role.W1:
             for w in node.args[1:]:
                 _pad(weights[w.target], 1, hidden, axes)
         elif node.target is dialect.linear and weights[node.args[1].target].role is Role.W2:

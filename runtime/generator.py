@@ -10,8 +10,9 @@ from .sampling import sample
 from .stats import Stats
 
 
-def _encode(session, prompts, instruct):
-    """Strings -> token id lists (chat template when the model has one and instruct allows)."""
+def _encode(session, prompts, instruct, images):
+    """Strings -> token id lists (chat template when the model has one and instruct allows;
+    a prompt with an image gets the model's <|image|> token where its template puts it)."""
     if all(isinstance(p, (list, tuple)) for p in prompts):
         return [list(map(int, p)) for p in prompts], False
     if not all(isinstance(p, str) for p in prompts):
@@ -20,20 +21,37 @@ def _encode(session, prompts, instruct):
     use_chat = tok.has_chat_template if instruct is None else instruct
     if use_chat and not tok.has_chat_template:
         raise ValueError("instruct=True but the model has no chat template")
-    return [tok.apply_chat_template(p) if use_chat else tok.encode(p) for p in prompts], True
+    out = []
+    for p, image in zip(prompts, images):
+        with_image = image is not None and session.images.enabled
+        if use_chat:
+            out.append(tok.apply_chat_template(p, image=with_image))
+        else:
+            out.append(([session.images.image_token_id] if with_image else []) + tok.encode(p))
+    return out, True
 
 
 def generate(session, prompts, max_generated_tokens, temperature, top_p, seed, stop_at_eos,
-             instruct, on_token=None) -> list:
+             instruct, on_token=None, images=None) -> list:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
         return []
     if max_generated_tokens < 1:
         raise ValueError("max_generated_tokens must be at least 1")
-    encoded, as_text = _encode(session, prompts, instruct)
+    images = [None] * len(prompts) if images is None else list(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts (give a list aligned with the "
+                         "prompts, None where a prompt has no image)")
+    encoded, as_text = _encode(session, prompts, instruct, images)
     for ids in encoded:
         session._check_length(len(ids))
+    processed = []  # every image checked before any work
+    for u, (ids, image) in enumerate(zip(encoded, images)):
+        try:
+            processed.append(session.images.prepare(ids, image))
+        except ValueError as e:
+            raise ValueError(f"prompt {u}: {e}") from None
     eos = session.tokenizer.eos_token_ids if (stop_at_eos and as_text) else frozenset()
     if stop_at_eos and not as_text:
         eos = _eos_without_text(session)
@@ -42,8 +60,8 @@ def generate(session, prompts, max_generated_tokens, temperature, top_p, seed, s
     start = time.perf_counter()
     outputs: dict[int, list[int]] = {}
     for group in _batches(session, encoded, max_generated_tokens):  # repeat batches
-        results = _run_batch(session, [encoded[u] for u in group], max_generated_tokens, temperature,
-                             top_p, rng, eos, stats, start, on_token, group)
+        results = _run_batch(session, [encoded[u] for u in group], [processed[u] for u in group],
+                             max_generated_tokens, temperature, top_p, rng, eos, stats, start, on_token, group)
         outputs.update(zip(group, results))
     outputs = [outputs[u] for u in range(len(encoded))]
     session.stats = stats
@@ -89,12 +107,14 @@ def _eos_without_text(session):
         return frozenset()
 
 
-def _run_batch(session, group, max_new, temperature, top_p, rng, eos, stats, start, on_token, users):
+def _run_batch(session, group, images, max_new, temperature, top_p, rng, eos, stats, start, on_token, users):
     batch = session.batch_size
     session.reset()
     if session.paged:
         for slot, ids in enumerate(group):
             session.pages.reserve(slot, _reservation(session, ids, max_new))
+    for slot, (ids, image) in enumerate(zip(group, images)):
+        session.images.load(slot, ids, image)
     t0 = time.perf_counter()
     last_logits = np.stack([session.prefill(ids, user_id=slot) for slot, ids in enumerate(group)])
     stats.prefill_s += time.perf_counter() - t0

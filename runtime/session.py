@@ -60,6 +60,7 @@ class Session:
     stats: Stats = field(default_factory=Stats)
     _tokenizer: object = None
     _pages: object = None
+    _images: object = None
 
     @property
     def max_seq_len(self) -> int:
@@ -106,6 +107,15 @@ class Session:
                                         self.max_seq_len // options["block_size"])
         return self._pages
 
+    @property
+    def images(self):
+        """The image side (runtime/image_slots.py): which image each slot holds, and the
+        masks of the text functions (disabled for programs without a vision function)."""
+        if self._images is None:
+            from .image_slots import ImageSlots
+            self._images = ImageSlots(self)
+        return self._images
+
     def reset(self) -> None:
         """Forget every user. A paged program only frees its pages: a block is always
         written before it is read, so stale contents are never seen and zeroing a pool of
@@ -114,6 +124,7 @@ class Session:
             self.pages.reset()
         else:
             self.backend.reset()
+        self.images.reset()
 
     def prefill(self, token_ids: list[int], user_id: int) -> np.ndarray:
         """Prefill one user (chunk by chunk when the prompt is longer than the largest
@@ -124,14 +135,17 @@ class Session:
         tokens[0, : len(token_ids)] = token_ids
         last = len(token_ids) - 1
         if not self.paged:
-            return self._prefill_call(tokens, 0, last, {"user_id": user_id})
+            return self._prefill_call(tokens, 0, last, {"user_id": user_id},
+                                      self.images.prefill_inputs(user_id, 0, rows))
         block = self.program.options["block_size"]
         self.pages.reserve(user_id, rows)  # the padded rows are written too
         row = self.pages.row(user_id)
         chunk = schedule.prefill_chunk(rows, self.max_prefill_chunk, block)
         for start in range(0, rows, chunk):
-            inputs = {"page_table": row[None], "chunk_page_table": row[None, start // block:(start + chunk) // block]}
-            logits = self._prefill_call(tokens[:, start:start + chunk], start, last, {"chunk_start": start}, inputs)
+            inputs = {"page_table": row[None], "chunk_page_table": row[None, start // block:(start + chunk) // block],
+                      **self.images.prefill_inputs(user_id, start, chunk)}
+            logits = self._prefill_call(tokens[:, start:start + chunk], start, last,
+                                        {"chunk_start": start, "user_id": user_id}, inputs)
             if start <= last < start + chunk:
                 result = logits
         return result
@@ -148,22 +162,25 @@ class Session:
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One decode step for the whole batch: tokens/positions [B] -> logits [B, V].
         A user at position < 0 is inactive: it reads and writes no cache."""
-        inputs = {"tokens": tokens[None], "positions": positions[None]}
+        inputs = {"tokens": tokens[None], "positions": positions[None], **self.images.decode_inputs(positions)}
         if self.paged:
             inputs["page_table"] = self.pages.table(self.batch_size)
         (logits,) = self.backend.run("decode", inputs)
         return logits.reshape(-1, logits.shape[-1])[: len(tokens), : self.vocab_size]
 
     # ------------------------------------------------------------------ public API
-    def teacher_forced_logits(self, token_ids: list[int], prefill_len: int) -> np.ndarray:
+    def teacher_forced_logits(self, token_ids: list[int], prefill_len: int, image=None) -> np.ndarray:
         """Row 0: prefill logits at position prefill_len-1; row i: decode step feeding
-        token_ids[prefill_len+i-1] at that position (predicts token_ids[prefill_len+i])."""
+        token_ids[prefill_len+i-1] at that position (predicts token_ids[prefill_len+i]).
+        `image` (Llama 3.2 Vision programs): the image the prompt's <|image|> token stands for."""
         token_ids = list(token_ids)
         if not 0 < prefill_len <= len(token_ids):
             raise ValueError("prefill_len must be between 1 and len(token_ids)")
         if len(token_ids) > self.max_seq_len:
             raise ValueError(f"{len(token_ids)} tokens exceed max-seq-len {self.max_seq_len}")
+        processed = self.images.prepare(token_ids[:prefill_len], image)
         self.reset()
+        self.images.load(0, token_ids[:prefill_len], processed)
         if self.paged:
             self.pages.reserve(0, len(token_ids))
         rows = [self.prefill(token_ids[:prefill_len], user_id=0)]
@@ -186,9 +203,11 @@ class Session:
 
     def generate(self, prompts, max_generated_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
-                 instruct: bool | None = None, on_token=None) -> list:
+                 instruct: bool | None = None, on_token=None, images=None) -> list:
+        """`images` (Llama 3.2 Vision programs): a list aligned with the prompts, each None,
+        a path or a PIL.Image."""
         return generate(self, prompts, max_generated_tokens, temperature, top_p, seed,
-                        stop_at_eos, instruct, on_token)
+                        stop_at_eos, instruct, on_token, images)
 
 
 def load(path: str | Path, backend: str = "emulator", system: str | None = None) -> Session:

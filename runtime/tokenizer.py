@@ -220,11 +220,14 @@ class Tokenizer:
             ids = [i for i in ids if i < self._num_ranks]
         return self._tt.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, prompt: str, system: str | None = None) -> list[int]:
+    def apply_chat_template(self, prompt: str, system: str | None = None, image: bool = False) -> list[int]:
         """Ids of a one-turn chat prompt ending in an open assistant turn. The rendered
-        text is tokenized without adding special tokens: the template places BOS itself."""
+        text is tokenized without adding special tokens: the template places BOS itself.
+        With `image`, the user turn starts with an image (Llama 3.2 Vision's templates
+        render it as <|image|>, where the model was trained to see it)."""
         messages = ([{"role": "system", "content": system}] if system is not None else [])
-        messages.append({"role": "user", "content": prompt})
+        content = [{"type": "image"}, {"type": "text", "text": prompt}] if image else prompt
+        messages.append({"role": "user", "content": content})
         if self._template is None:
             if self._tt is None:
                 raise ValueError("this tokenizer has no chat template")
@@ -248,7 +251,10 @@ class Tokenizer:
 
         ids = [sid("<|begin_of_text|>")]
         for m in messages:
-            ids += header(m["role"]) + self.encode(m["content"].strip(), False)
+            ids += header(m["role"])
+            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            for part in parts:  # Meta's format: <|image|> where the image is, then the text
+                ids += [sid("<|image|>")] if part["type"] == "image" else self.encode(part["text"].strip(), False)
             ids.append(sid("<|eot_id|>"))
         return ids + header("assistant")
 

@@ -1,11 +1,12 @@
-"""Llama 3.2 Vision's language model, text only.
+"""Llama 3.2 Vision's language model, without images.
 
 Without an image, Hugging Face's MllamaTextModel skips its cross-attention layers (and
-Meta's text_only_inference does too), so the text program is the self-attention decoder.
-A tiny random MllamaForConditionalGeneration (5 decoder layers, cross-attention at HF
-layers 1 and 3, 8 image-token embedding rows) is compiled from its HF directory and its
-logits are compared with HF's on token-only input. The Meta layout (`text_model.` prefix,
-self-attention layers numbered 0..n-1) reads the same weights.
+Meta's text_only_inference does too). The compiled program keeps them (it also serves
+images): for a user without an image its cross-attention caches are zero and its row
+mask zero, so each layer is an identity. A tiny random MllamaForConditionalGeneration
+(5 decoder layers, cross-attention at HF layers 1 and 3, gates opened to 1 so that they
+would matter) is compiled from its HF directory and its logits are compared with HF's on
+token-only input. The Meta layout (`text_model.` prefix) reads the same text weights.
 """
 from __future__ import annotations
 
@@ -77,27 +78,25 @@ def test_text_program_matches_hf_without_images(mllama, compile_artifact, target
     assert p > 0.99999
 
 
-def test_meta_layout_reads_the_same_weights(mllama, tmp_path):
-    """A Meta-style checkpoint (text_model. prefix, self-attention layers 0..2, extra
-    cross-attention tensors) gives the reader the same tensors as the HF directory."""
+def test_meta_layout_reads_the_same_text_weights(mllama, tmp_path):
+    """A Meta-style checkpoint of the text decoder (text_model. prefix, self-attention
+    layers 0..2) gives the reader the same tensors as the HF directory. (Meta's params.json
+    cannot describe a tiny vision tower, whose geometry Meta hard-codes: the image-side
+    Meta layouts are covered by tests/test_vision_ref.py's transform tests.)"""
     from models_ref.weights import MetaReader
 
     path, _ = mllama
     hf = open_checkpoint(path)
-    state = {"text_model." + name: hf.get(name).clone() for name in hf.shapes()}
-    state["text_model.cross_attention_layers.0.attention.wq.weight"] = torch.zeros(192, 192)
-    state["text_model.learnable_embedding.weight"] = torch.zeros(8, 192)
+    text = [name for name in hf.shapes() if name.startswith(("layers.", "tok_embeddings", "norm", "output"))]
+    state = {"text_model." + name: hf.get(name).clone() for name in text}
     folder = tmp_path / "meta"
     folder.mkdir()
     torch.save(state, folder / "consolidated.00.pth")
     (folder / "params.json").write_text(json.dumps({
         "dim": 192, "n_layers": 3, "n_heads": 6, "n_kv_heads": 2, "vocab_size": 1000, "multiple_of": 8,
         "ffn_dim_multiplier": 328 / 512, "norm_eps": 1e-5, "rope_theta": 10000.0, "use_scaled_rope": False,
-        "vision_num_cross_attention_layers": 2, "max_seq_len": 512}))
+        "max_seq_len": 512}))
     meta = open_checkpoint(folder)
-    # Meta's fusion schedule for 3 layers and 2 cross-attention layers: before layers 0 and 2
-    # (the tiny HF config above chose other positions; the self-attention weights agree)
-    assert isinstance(meta, MetaReader) and meta.cfg.cross_attention_layers == (0, 2)
-    assert set(hf.shapes()) <= set(meta.shapes())  # plus cross-attention tensors, unused
-    for name in hf.shapes():
+    assert isinstance(meta, MetaReader) and meta.cfg.vision is None
+    for name in text:
         assert torch.equal(meta.get(name), hf.get(name)), name

@@ -44,7 +44,7 @@ class _Step:
     op: object
     impl: object
     collective: bool
-    args: list  # ("t", name) | ("s", value-template) | ("v", literal)
+    args: list  # ("t", name) | ("tl", [names]) | ("s", value-template) | ("v", literal)
     kwargs: dict
     out: list[str]
     out_dtypes: list[str]
@@ -55,7 +55,7 @@ class _Step:
             args, kw = self.args, self.kwargs
             self.__dict__["_bound"] = _Bound(
                 tuple(v if k == "v" else None for k, v in args),
-                tuple((i, v) for i, (k, v) in enumerate(args) if k == "t"),
+                tuple((i, v) for i, (k, v) in enumerate(args) if k in ("t", "tl")),
                 tuple((i, v) for i, (k, v) in enumerate(args) if k == "s"),
                 {n: v for n, (k, v) in kw.items() if k == "v"},
                 tuple((n, v) for n, (k, v) in kw.items() if k == "t"),
@@ -64,6 +64,8 @@ class _Step:
 
 
 def _arg(value, tensors):
+    if isinstance(value, list) and value and all(is_tensor_ref(v) for v in value):  # e.g. concat's tensors
+        return ("tl", [_arg(v, tensors)[1] for v in value])
     if is_tensor_ref(value):
         name = tensor_name(value)
         if name not in tensors:
@@ -171,6 +173,13 @@ class EmulatorBackend:
                 pieces = [matmul_operand(p, self.linear_weights[name]) for p in pieces]
             self.env[name] = pieces
 
+    def zero_state_rows(self, names, row: int) -> None:
+        """Zero row `row` (a user) of the named state tensors on every chip (Llama 3.2
+        Vision: the cross-attention caches of a user without an image)."""
+        for name in names:
+            for piece in {id(p): p for p in self.env[name]}.values():
+                piece[row] = 0
+
     def reset(self) -> None:
         """Zero all device state (KV caches)."""
         for name, spec in self.program.state.items():
@@ -202,10 +211,14 @@ class EmulatorBackend:
         fn = self.program.functions[fn_name]
         env = dict(self.env)
         for spec in fn.inputs:
-            host = np.ascontiguousarray(inputs[spec.source], dtype=np.int64)
-            if spec.dtype == "uint32":  # e.g. rope rows of an inactive user (position -1)
-                host = np.maximum(host, 0)
-            host = torch.from_numpy(host)
+            if spec.dtype in ("uint32", "int32"):
+                host = np.ascontiguousarray(inputs[spec.source], dtype=np.int64)
+                if spec.dtype == "uint32":  # e.g. rope rows of an inactive user (position -1)
+                    host = np.maximum(host, 0)
+                host = torch.from_numpy(host)
+            else:  # pixels and masks, rounded to their device dtype as the host upload would
+                host = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.float32))
+                host = _as_device(host, spec.dtype)
             env[spec.name] = [host.reshape([d if isinstance(d, int) else -1 for d in spec.shape])] * self.chips
         scalars = scalars or {}
         collectives = 0
@@ -233,7 +246,7 @@ class EmulatorBackend:
             bound = step.bound
             args = list(bound.args)
             for i, name in bound.tensor_args:
-                args[i] = env[name][0]
+                args[i] = [env[n][0] for n in name] if isinstance(name, list) else env[name][0]
             for i, template in bound.scalar_args:
                 args[i] = resolve_scalar(template, scalars)
             kwargs = bound.kwargs
@@ -260,6 +273,8 @@ class EmulatorBackend:
             kind, v = arg
             if kind == "t":
                 return env[v][chip]
+            if kind == "tl":
+                return [env[n][chip] for n in v]
             return resolve_scalar(v, scalars) if kind == "s" else v
 
         for step in steps:
@@ -297,8 +312,8 @@ class EmulatorBackend:
 def _replicated(step, env) -> bool:
     """True when every tensor the (pure) op reads is the same object on every chip."""
     for kind, v in list(step.args) + list(step.kwargs.values()):
-        if kind == "t":
-            held = env[v]
+        for name in (v if kind == "tl" else [v] if kind == "t" else []):
+            held = env[name]
             if any(t is not held[0] for t in held):
                 return False
     return True

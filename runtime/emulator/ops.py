@@ -212,7 +212,9 @@ def _window_mask(query_pos, key_pos, window):
 
 @impl("ttnn.transformer.scaled_dot_product_attention")
 def sdpa(q, k, v, is_causal=True, scale=None, compute_kernel_config=None, program_config=None,
-         memory_config=None, sliding_window_size=None):
+         memory_config=None, sliding_window_size=None, attn_mask=None):
+    if attn_mask is not None:  # non-causal with an additive mask (Llama 3.2 Vision)
+        return _attend(q, k, v, scale, mask=_additive(attn_mask))
     if sliding_window_size is None:
         return _attend(q, k, v, scale, causal=is_causal)
     pos = torch.arange(q.shape[2])
@@ -234,7 +236,10 @@ def _decode_attend(q, k, v, positions, scale, window=None):
 
 @impl("ttnn.transformer.scaled_dot_product_attention_decode")
 def sdpa_decode(q, k_cache, v_cache, cur_pos_tensor=None, scale=None, compute_kernel_config=None,
-                program_config=None, memory_config=None, sliding_window_size=None):
+                program_config=None, memory_config=None, sliding_window_size=None, attn_mask=None,
+                is_causal=True):
+    if not is_causal:  # every user against its whole cache row, with its mask [1, B, H, L]
+        return _masked_decode(q, k_cache, v_cache, attn_mask, scale)
     # Like flash-decode, read the cache only up to the furthest user's position.
     batch, pos = q.shape[1], cur_pos_tensor.long()
     length = int(pos.max()) + 1
@@ -251,6 +256,22 @@ def paged_sdpa_decode(q, k_cache, v_cache, page_table_tensor=None, cur_pos_tenso
     k = _gather_users(k_cache, page_table_tensor, length)
     v = _gather_users(v_cache, page_table_tensor, length)
     return _decode_attend(q, k, v, pos, scale, sliding_window_size)
+
+
+def _additive(mask):
+    """An additive mask in float32; the device's most negative bfloat16 stands for -inf."""
+    return mask.float()
+
+
+def _masked_decode(q, k_cache, v_cache, mask, scale):
+    """q [1, B, H, hd] against rows b of k/v [B, Hkv, L, hd], additive mask [1, B, H, L]."""
+    _, batch, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[1]
+    qg = q[0].float().reshape(batch, n_kv, n_heads // n_kv, head_dim)
+    scores = torch.matmul(qg, k_cache[:batch].float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    scores = scores + _additive(mask)[0].reshape(batch, n_kv, n_heads // n_kv, -1)
+    out = torch.matmul(scores.softmax(-1), v_cache[:batch].float())
+    return out.reshape(1, batch, n_heads, head_dim)
 
 
 Q_BLOCK = 256  # query rows per step: scores stay [H, 256, context], never [H, S, context]
@@ -271,6 +292,47 @@ def chunked_sdpa(q, k_cache, v_cache, page_table_tensor, chunk_start_idx, scale=
         mask = _window_mask(torch.arange(chunk_start_idx + first, end), torch.arange(end), sliding_window_size)
         out.append(_attend(q[:, :, first:last], k[:, :, :end], v[:, :, :end], scale, mask=mask))
     return torch.cat(out, dim=2)
+
+
+# ---------------------------------------------------------------- Llama 3.2 Vision
+@impl("ttnn.layer_norm")
+def layer_norm(x, epsilon=1e-12, weight=None, bias=None, memory_config=None, compute_kernel_config=None):
+    xf = x.float()
+    return F.layer_norm(xf, (xf.shape[-1],), weight.reshape(-1).float(), bias.reshape(-1).float(), epsilon)
+
+
+@impl("ttnn.gelu")
+def gelu(x, memory_config=None):
+    return F.gelu(x.float())
+
+
+@impl("ttnn.concat")
+def concat(tensors, dim, memory_config=None):
+    dtype = torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
+    return torch.cat([t.to(dtype) for t in tensors], dim=dim)
+
+
+@impl("ttnn.permute")
+def permute(t, dims, memory_config=None):
+    return t.permute(*dims)
+
+
+@impl("ttnn.to_layout")
+def to_layout(t, layout, dtype=None, memory_config=None):
+    return t  # the layout changes where values sit in memory, not the values
+
+
+@impl("ttnn.pad")
+def pad(t, padding, value, memory_config=None):
+    flat = []
+    for before, after in reversed(padding):
+        flat += [before, after]
+    return F.pad(t, flat, value=value)
+
+
+@impl("ttnn.repeat")
+def repeat(t, repetition_vector, memory_config=None):
+    return t.repeat(*repetition_vector)
 
 
 @impl("ttnn.experimental.nlp_concat_heads")
