@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ttrun", description="Generate text with a compiled program.")
     p.add_argument("preset", choices=[*PRESETS, "prompt"], help="a demo preset, or 'prompt'")
     p.add_argument("prompts", nargs="*", help="with 'prompt': the prompt texts")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="with 'prompt' (Llama 3.2 Vision programs): an image for each prompt text, in order")
     p.add_argument("--program", help="artifact folder written by ttcompile")
     p.add_argument("--model", help="a model directory to compile for the preset instead of --program")
     p.add_argument("--target", default="N150")
@@ -53,7 +55,7 @@ def _compile(args, preset) -> str:
 
 def _run(args) -> int:
     import runtime
-    from .presets import Preset, encode_entry, read_prompts
+    from .presets import Preset, PromptEntry, encode_entry, read_prompts
 
     preset = PRESETS.get(args.preset) or Preset("prompt", "", 1, 128, 4096)
     if not (args.program or args.model):
@@ -64,20 +66,23 @@ def _run(args) -> int:
     if args.preset == "prompt":
         if not args.prompts:
             raise ValueError("ttrun prompt needs at least one prompt text")
-        prompts = [session.tokenizer.apply_chat_template(p) if instruct else session.tokenizer.encode(p)
-                   for p in args.prompts]
-        shown = args.prompts
+        if len(args.image) > len(args.prompts):
+            raise ValueError(f"{len(args.image)} --image for {len(args.prompts)} prompt texts")
+        entries = [PromptEntry(p, image=im) for p, im in zip(args.prompts, args.image + [None] * len(args.prompts))]
     else:
         entries = read_prompts(args.input_prompts or preset.prompts)
-        prompts = [encode_entry(e, session.tokenizer, instruct) for e in entries]
-        shown = [e.prompt for e in entries]
+    image_token = session.images.image_token_id if session.images.enabled else None
+    prompts = [encode_entry(e, session.tokenizer, instruct, image_token) for e in entries]
+    shown = [e.prompt for e in entries]
+    images = [e.image for e in entries]
     repeat = args.repeat_batches or preset.repeat_batches
-    prompts, shown = prompts * repeat, shown * repeat
+    prompts, shown, images = prompts * repeat, shown * repeat, images * repeat
     keywords = dict(
         max_generated_tokens=args.max_generated_tokens or preset.max_generated_tokens,
         temperature=preset.temperature if args.temperature is None else args.temperature,
         top_p=preset.top_p if args.top_p is None else args.top_p, seed=args.seed,
-        stop_at_eos=preset.stop_at_eos and not args.no_stop_at_eos)
+        stop_at_eos=preset.stop_at_eos and not args.no_stop_at_eos,
+        images=images if any(im is not None for im in images) else None)
     if len(prompts) == 1:
         print(f"> {shown[0][:200]}")
     outputs = _generate_with_progress(session, prompts, keywords)

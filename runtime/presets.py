@@ -2,7 +2,8 @@
 
 A prompt file is a JSON list of {"prompt": text, "context": file(s) whose text precedes
 the prompt (paths relative to the JSON file, or absolute; globs allowed), "max_length":
-tokens the context is cut to}. Bundled files live in runtime/presets/.
+tokens the context is cut to, "image": an image file for Llama 3.2 Vision programs
+(relative to the JSON file, or absolute)}. Bundled files live in runtime/presets/.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ PRESETS = {p.name: p for p in (
            max_seq_len=65536 + 1024, block_size=64, max_num_blocks=2048),
     Preset("reasoning-1", "reasoning-1.json", batch_size=1, max_generated_tokens=15000,
            max_seq_len=16384, temperature=0.6, top_p=0.95),
+    # Llama 3.2 Vision: prompts with and without an image (the seed's multimodal demo).
+    Preset("vision", "vision.json", batch_size=4, max_generated_tokens=200, max_seq_len=8192),
 )}
 
 
@@ -45,6 +48,7 @@ class PromptEntry:
     prompt: str
     context: str = ""
     max_length: int | None = None
+    image: str | None = None  # a path (Llama 3.2 Vision programs)
 
 
 def _read_context(spec, base: Path) -> str:
@@ -70,11 +74,21 @@ def read_prompts(path: str | Path) -> list[PromptEntry]:
     if not isinstance(data, list) or not all(isinstance(d, dict) and "prompt" in d for d in data):
         raise ValueError(f"{path}: expected a JSON list of objects with a 'prompt'")
     return [PromptEntry(d["prompt"], _read_context(d["context"], path.parent) if d.get("context") else "",
-                        d.get("max_length")) for d in data]
+                        d.get("max_length"), _image_path(d.get("image"), path.parent)) for d in data]
 
 
-def encode_entry(entry: PromptEntry, tokenizer, instruct: bool) -> list[int]:
-    """Token ids of the context (cut to max_length tokens) followed by the prompt."""
+def _image_path(spec, base: Path) -> str | None:
+    if spec is None:
+        return None
+    image = Path(spec) if Path(spec).is_absolute() else base / spec
+    if not image.is_file():
+        raise ValueError(f"image file {image} not found")
+    return str(image)
+
+
+def encode_entry(entry: PromptEntry, tokenizer, instruct: bool, image_token_id: int | None = None) -> list[int]:
+    """Token ids of the context (cut to max_length tokens) followed by the prompt; an
+    entry with an image gets the image token where the chat template puts it."""
     context = ""
     if entry.context:
         ids = tokenizer.encode(entry.context, add_special_tokens=False)
@@ -82,4 +96,6 @@ def encode_entry(entry: PromptEntry, tokenizer, instruct: bool) -> list[int]:
             ids = ids[: entry.max_length]
         context = tokenizer.decode(ids, skip_special_tokens=False) + "\n\n"
     text = context + entry.prompt
-    return tokenizer.apply_chat_template(text) if instruct else tokenizer.encode(text)
+    if instruct:
+        return tokenizer.apply_chat_template(text, image=entry.image is not None)
+    return ([image_token_id] if entry.image is not None else []) + tokenizer.encode(text)

@@ -68,12 +68,13 @@ def replay_all(python: Path, artifacts: dict[str, Path], *args: str) -> tuple[di
     return dict(zip(artifacts, results)), stderr
 
 
-def check_replayed(result: dict, stderr: str, target: str) -> dict:
-    """Every op of every function issued, on the mock cluster of `target`, without torch."""
+def check_replayed(result: dict, stderr: str, target: str, functions=("prefill", "decode")) -> dict:
+    """Every op of every function (`functions`, all the program has) issued, on the mock
+    cluster of `target`, without torch."""
     summary = result["summary"]
     assert summary["target"] == target and summary["device"] == "mock"
     assert f"using the mock {target} cluster" in stderr
-    assert set(summary["functions"]) == set(result["program_ops"]) == {"prefill", "decode"}
+    assert set(summary["functions"]) == set(result["program_ops"]) == set(functions)
     for name, f in summary["functions"].items():
         assert f["ops_issued"] == f["ops_in_program"] == result["program_ops"][name], (name, f)
     assert summary["ok"]

@@ -40,7 +40,10 @@ from .weights import read_weights
 TILE = 32
 INACTIVE = -1  # position of a padded (inactive) decode user in cur_pos / update_idxs tensors
 POSITION_KWARGS = ("cur_pos_tensor", "update_idxs_tensor")
-USER_DIM = {"tokens": -1, "positions": -1, "page_table": 0}  # per-call input source -> its users dim
+# per-call input source -> its users dim (decode pads it to a tile of users): tokens and
+# positions [1, B], page table [B, blocks], Llama 3.2 Vision's cross-attention rows
+# [1, 1, B, L] and row mask [1, 1, B, 1]
+USER_DIM = {"tokens": -1, "positions": -1, "page_table": 0, "xattn_mask": -2, "row_mask": -2}
 
 
 class TtnnBackendError(RuntimeError):
@@ -84,17 +87,24 @@ def ttnn_message(error: BaseException) -> str:
     return "\n".join(lines) or type(error).__name__
 
 
+def _is_ref_list(value) -> bool:
+    """A list of tensor references (ttnn.concat's tensors)."""
+    return isinstance(value, list) and bool(value) and all(is_tensor_ref(v) for v in value)
+
+
 def _refs(op: Op) -> list[tuple[str, str]]:
-    """(parameter name, tensor name) of every tensor an op reads."""
+    """(parameter name, tensor name) of every tensor an op reads (each one of a list too)."""
     params = OPS[op.op].params if op.op in OPS else ()
-    out = [(params[i] if i < len(params) else str(i), tensor_name(a))
-           for i, a in enumerate(op.args) if is_tensor_ref(a)]
-    return out + [(k, tensor_name(v)) for k, v in op.kwargs.items() if is_tensor_ref(v)]
+    named = [(params[i] if i < len(params) else str(i), a) for i, a in enumerate(op.args)] + list(op.kwargs.items())
+    return [(param, tensor_name(r)) for param, a in named
+            for r in (a if _is_ref_list(a) else [a] if is_tensor_ref(a) else [])]
 
 
 def _arg(value):
     if is_tensor_ref(value):
         return ("t", tensor_name(value))
+    if _is_ref_list(value):
+        return ("l", [tensor_name(v) for v in value])
     if isinstance(value, (str, list)) and "$" in json.dumps(value):
         return ("s", value)
     return ("v", value)
@@ -105,7 +115,7 @@ class _Step:
     index: int
     op: Op
     impl: object
-    args: list  # ("t", name) | ("s", template with $scalars) | ("v", literal)
+    args: list  # ("t", name) | ("l", [names]) | ("s", template with $scalars) | ("v", literal)
     kwargs: dict
     out: list[str]
     out_memory: list = field(default_factory=list)  # memory kind consumers want, per output
@@ -135,6 +145,8 @@ class TtnnBackend(Validation):
         self.invocations: Counter = Counter()
         self.moves: Counter = Counter()  # memory moves ops needed that the program lacks
         self.footprints: dict | None = None  # per-op L1 use, measured while validate() runs
+        self._zero_rows: dict = {}  # (shape, dtype, layout) -> a zero row for zero_state_rows
+        self._slotted = self._user_slotted_state()
         self.weight_source = "device" if weights_dir is None and weights is None else "host"
         self.weight_variants = self._weight_variants()
         self._load_weights(weights_dir, weights)
@@ -165,6 +177,7 @@ class TtnnBackend(Validation):
     def close(self) -> None:
         if getattr(self, "mesh", None) is not None:
             self.env.clear()
+            self._zero_rows.clear()
             self.ttnn.close_mesh_device(self.mesh)
             self.mesh = None
 
@@ -296,18 +309,45 @@ class TtnnBackend(Validation):
                 self.to_device(np.asarray(host, np.float32).reshape(row), spec["dtype"], "TILE"))
 
     def _user_slotted_state(self) -> set[str]:
-        """Non-paged caches: state that decode's cache update indexes by user (dim 0)."""
-        return {tensor_name(op.args[0]) for fn in self.program.functions.values() for op in fn.ops
-                if op.op == "ttnn.experimental.paged_update_cache" and "page_table" not in op.kwargs}
+        """Non-paged caches: state that decode's cache update indexes by user (dim 0), or
+        that decode attention reads per user (Llama 3.2 Vision's cross-attention caches:
+        ttnn checks their batch equals the decode users')."""
+        out = set()
+        for fn in self.program.functions.values():
+            for op in fn.ops:
+                if op.op == "ttnn.experimental.paged_update_cache" and "page_table" not in op.kwargs:
+                    out.add(tensor_name(op.args[0]))
+                elif op.op == "ttnn.transformer.scaled_dot_product_attention_decode":
+                    out |= {tensor_name(a) for a in op.args[1:3] if tensor_name(a) in self.program.state}
+        return out
 
     def state_shape(self, name: str) -> list[int]:
         """The device shape of a state tensor. A non-paged cache has one slot per decode user,
         and decode runs a whole tile of users: ttnn checks the cache has as many."""
         spec = self.program.state[name]
         shape = self.local_shape(spec.shape, getattr(spec, "placement", None))
-        if name in self._user_slotted_state():
+        if name in self._slotted:
             shape[0] = pad_tile(shape[0])
         return shape
+
+    def zero_state_rows(self, names, row: int) -> None:
+        """Zero row `row` (a user) of the named state tensors on every chip (Llama 3.2
+        Vision: the cross-attention caches of a user without an image). One fill_cache per
+        tensor from a zero row of its dtype and shape, allocated once and kept (ttnn.fill
+        would zero every user's row)."""
+        ttnn = self.ttnn
+        for name in names:
+            shape, spec = self.state_shape(name), self.program.state[name]
+            if not 0 <= row < shape[0]:
+                raise TtnnBackendError(f"state '{name}' has {shape[0]} rows on the device, not row {row}")
+            key = (tuple([1, *shape[1:]]), spec.dtype, spec.layout)
+            if key not in self._zero_rows:
+                self._zero_rows[key] = self.allocate(list(key[0]), spec.dtype, spec.layout)
+            try:
+                ttnn.fill_cache(self.env[name], self._zero_rows[key], row)
+            except Exception as e:  # noqa: BLE001 (ttnn's errors are RuntimeErrors)
+                raise TtnnBackendError(f"zeroing row {row} of state '{name}' ({shape} {spec.dtype}) on the "
+                                       f"{self.mode.describe()} failed:\n  {ttnn_message(e)}") from None
 
     def reset(self) -> None:
         """Zero all device state (KV caches)."""
@@ -405,7 +445,11 @@ class TtnnBackend(Validation):
         ttnn = self.ttnn
 
         def value(kind, v):
-            return env[v] if kind == "t" else resolve_scalar(v, scalars) if kind == "s" else v
+            if kind == "t":
+                return env[v]
+            if kind == "l":
+                return [env[n] for n in v]
+            return resolve_scalar(v, scalars) if kind == "s" else v
 
         for step in self.steps[fn_name]:
             op = step.op

@@ -12,6 +12,17 @@ from lowering.program import SEQ, concrete_dim
 
 TILE = 32
 VALIDATE_PREFILL_ROWS = 128  # the smallest prefill the runtime issues (prompts pad to 128)
+# Llama 3.2 Vision's float host inputs (runtime/image_slots.py, runtime/vision_inputs.py):
+# the vision function's pixels [T, 3, tile, tile] and encoder mask [1, 1, T*Np, T*Np]; the
+# text functions' cross-attention rows [1, 1, R, L] and row mask [1, 1, R, 1]. Zeros: an
+# all-black image, masks that hide nothing (every position is a real number either way).
+FLOAT_INPUTS = ("pixels", "encoder_mask", "xattn_mask", "row_mask")
+# Host scalars other than 0: aspect ratio 1 (the first real one; 0 is the table's padding
+# row); user 0's slot, which the vision function writes and prefill reads.
+SCALARS = {"aspect_ratio_id": 1, "user_id": 0}
+# The order functions replay in: the image into user 0's cross-attention caches, then the
+# prompt (which reads them), then a decode step.
+FUNCTION_ORDER = ("vision", "prefill", "decode")
 
 
 class Validation:
@@ -53,7 +64,9 @@ class Validation:
                           ) -> tuple[dict, dict]:
         """Host inputs for one replay: prefill of `rows` rows for user 0 from position
         `chunk_start` (a later chunk of a chunked prefill, paged programs only); decode of
-        the program's batch (every user at position chunk_start + rows, right after)."""
+        the program's batch (every user at position chunk_start + rows, right after);
+        Llama 3.2 Vision's image of user 0 (vision: pixels and encoder mask, aspect ratio 1)
+        and the masks of the text functions (float32 zeros, FLOAT_INPUTS)."""
         fn = self.program.functions[fn_name]
         if chunk_start:
             block = int(self.program.options.get("block_size") or 0)
@@ -64,6 +77,9 @@ class Validation:
         for spec in fn.inputs:
             shape = [concrete_dim(d, rows) for d in spec.shape]
             size = int(np.prod(shape))
+            if spec.source in FLOAT_INPUTS:  # pixels and masks: float32 at the program's shape
+                inputs[spec.source] = np.zeros(shape, dtype=np.float32)
+                continue
             if spec.source == "positions":
                 values = chunk_start + np.arange(size) if SEQ in spec.shape else np.full(size, chunk_start + rows)
             elif spec.source == "chunk_page_table":  # the blocks of user 0's row this chunk writes
@@ -73,7 +89,7 @@ class Validation:
             else:
                 values = np.ones(size)
             inputs[spec.source] = values.astype(np.int64).reshape(1, -1)
-        scalars = {name: 0 for name in fn.scalars}
+        scalars = {name: SCALARS.get(name, 0) for name in fn.scalars}
         if "chunk_start" in scalars:
             scalars["chunk_start"] = chunk_start
         if "last_tile_start" in scalars:
@@ -82,7 +98,7 @@ class Validation:
 
     def validate(self, prefill_rows: int = VALIDATE_PREFILL_ROWS, footprints: bool = True,
                  functions: tuple[str, ...] | None = None, chunk_start: int = 0) -> dict:
-        """Replay every function once (prefill, then decode) and return a summary: ops issued
+        """Replay every function once (vision, prefill, then decode) and return a summary: ops issued
         per function (always all of them), target, mock or real device, the memory moves
         ops needed that the program does not contain, DRAM in use per chip (weights and
         state), and with `footprints` the largest per-core L1 use per op kind (flagging any
@@ -94,7 +110,8 @@ class Validation:
                    "cluster_descriptor": self.mode.cluster_descriptor,
                    "weights": self.weight_source, "decode_users_per_chip": self.decode_users,
                    "chunk_start": chunk_start, "functions": {}}
-        order = sorted(functions or self.program.functions, key=lambda n: (n != "prefill", n))
+        order = sorted(functions or self.program.functions,
+                       key=lambda n: (FUNCTION_ORDER.index(n) if n in FUNCTION_ORDER else len(FUNCTION_ORDER), n))
         moves_before = Counter(self.moves)
         self.footprints = {} if footprints else None
         self.reset()

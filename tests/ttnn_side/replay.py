@@ -3,7 +3,7 @@
 Runs in .venv-ttnn (ttnn, numpy, no torch); tests/test_ttnn_backend.py calls it:
 
     .venv-ttnn/bin/python tests/ttnn_side/replay.py OUT [OUT ...] [--no-weights] [--prefill-rows N]
-                                                    [--chunk-start P]
+                                                    [--chunk-start P] [--zero-state-rows ROW ...]
 
 Artifacts compiled with --no-weights (and all of them with --no-weights) are replayed with
 their weights allocated on the device (TtnnBackend.from_program); the others are loaded as
@@ -12,7 +12,9 @@ process (ttnn builds its mock cluster once per process: give programs of one tar
 smaller ones after the largest), each on its own mesh, opened and closed in turn.
 
 Prints one line per artifact: {"artifact", "summary": TtnnBackend.validate()'s summary,
-"program_ops": {function: n}, "torch_imported": bool}; or, when ttnn rejects an op,
+"program_ops": {function: n}, "torch_imported": bool, and with --zero-state-rows "zeroed":
+{"names": the cross-attention caches, "rows": the rows zeroed} after the replay, through
+TtnnBackend.zero_state_rows as the runtime clears a text-only user}; or, when ttnn rejects an op,
 {"artifact", "error": {function, index, op, node, layer, ttnn_message, report}}; or, for any
 other backend error (weights or state that do not fit the device, ...), {"artifact",
 "error": {"report"}}; for a program the backend refuses (float32), {"artifact", "error":
@@ -34,15 +36,22 @@ from runtime.ttnn_backend import (TtnnBackend, TtnnBackendError, TtnnOpError,  #
                                   TtnnUnsupportedProgram)
 
 
-def replay_one(out: Path, no_weights: bool, prefill_rows: int, chunk_start: int = 0) -> tuple[int, dict]:
+def replay_one(out: Path, no_weights: bool, prefill_rows: int, chunk_start: int = 0,
+               zero_rows: list[int] | None = None) -> tuple[int, dict]:
     program = Program.loads((out / "program.json").read_text())
     backend = None
+    zeroed = None
     try:
         if no_weights or program.options.get("no_weights"):
             backend = TtnnBackend.from_program(program)
         else:
             backend = runtime.load(out, backend="ttnn").backend
         summary = backend.validate(prefill_rows, chunk_start=chunk_start)
+        if zero_rows:  # the caches runtime/image_slots.py clears for a user without an image
+            names = [name for name in program.state if name.startswith("cross_attention_layers.")]
+            for row in zero_rows:
+                backend.zero_state_rows(names, row)
+            zeroed = {"names": names, "rows": list(zero_rows)}
     except TtnnOpError as e:
         return 3, {"error": {"function": e.function, "index": e.index, "op": e.op.op, "node": e.node,
                              "layer": e.layer, "ttnn_message": e.ttnn_message, "report": str(e)}}
@@ -53,8 +62,11 @@ def replay_one(out: Path, no_weights: bool, prefill_rows: int, chunk_start: int 
     finally:
         if backend is not None:
             backend.close()  # the next artifact opens its own mesh
-    return 0, {"summary": summary, "program_ops": {name: len(fn.ops) for name, fn in program.functions.items()},
-               "torch_imported": "torch" in sys.modules}
+    result = {"summary": summary, "program_ops": {name: len(fn.ops) for name, fn in program.functions.items()},
+              "torch_imported": "torch" in sys.modules}
+    if zeroed is not None:
+        result["zeroed"] = zeroed
+    return 0, result
 
 
 def main() -> int:
@@ -65,10 +77,13 @@ def main() -> int:
     parser.add_argument("--prefill-rows", type=int, default=128)
     parser.add_argument("--chunk-start", type=int, default=0,
                         help="prefill as a later chunk of a chunked prefill, from this position")
+    parser.add_argument("--zero-state-rows", type=int, nargs="+", metavar="ROW",
+                        help="after the replay, zero these user rows of the cross-attention caches")
     args = parser.parse_args()
     statuses = []
     for artifact in args.artifacts:
-        status, result = replay_one(Path(artifact), args.no_weights, args.prefill_rows, args.chunk_start)
+        status, result = replay_one(Path(artifact), args.no_weights, args.prefill_rows, args.chunk_start,
+                                    args.zero_state_rows)
         statuses.append(status)
         print(json.dumps({"artifact": artifact, **result}), flush=True)
     return 0 if not any(statuses) else 3 if 3 in statuses else 4 if 4 in statuses else 5
