@@ -15,6 +15,7 @@ import dataclasses
 import torch.fx
 
 from models_ref import ops as ref
+from models_ref import vision_ops as vops
 
 from . import dialect
 from .facts import PLACEMENT, REPLICATED, Placement
@@ -23,7 +24,8 @@ from .facts import PLACEMENT, REPLICATED, Placement
 _HEAD_OPS = (dialect.qkv_heads, dialect.gated_mlp, ref.merge_heads, ref.rotary,
              ref.causal_attention, ref.decode_attention, ref.update_cache, ref.fill_cache,
              dialect.paged_fill_cache, dialect.paged_update_cache, dialect.chunked_attention,
-             dialect.paged_decode_attention)
+             dialect.paged_decode_attention, ref.split_heads, vops.encoder_attention, vops.cross_attention,
+             vops.cross_attention_decode)
 
 
 def placement_of(node: torch.fx.Node, facts, decode: bool) -> Placement:

@@ -53,7 +53,7 @@ def _steps(lw: Lowering, node, first: str, steps: list[tuple[str, list, dict, li
         if i == len(steps) - 1:
             lw.result(node, op, [current, *args], kwargs, layout)
             return
-        name = lw.tensor(lw.out_name(node, f"_{i}"), shape, lw.dtype_of(node), node, layout)
+        name = lw.tensor(lw.out_name(node, f"_s{i}"), shape, lw.dtype_of(node), node, layout)  # not fx's _1, _2
         lw.emit(node, op, [current, *args], kwargs, [name])
         current = "%" + name
 
@@ -151,7 +151,7 @@ def _split_heads(lw: Lowering, node):
     x, n_heads, head_dim, decode = node.args
     rows = lw.shape_of(x)[2]
     if decode:
-        lw.result(node, "ttnn.reshape", [lw.ref(x), _target_shape([1, rows, n_heads, head_dim])])
+        lw.result(node, "ttnn.reshape", [lw.ref(x), [1, -1, n_heads, head_dim]])  # users: -1 (ttnn pads to 32)
         return
     _steps(lw, node, lw.ref(x), [
         ("ttnn.reshape", [_target_shape([1, rows, n_heads, head_dim])], {}, [1, rows, n_heads, head_dim], "TILE"),
@@ -182,7 +182,7 @@ def _cross_attention_decode(lw: Lowering, node):
     _, users, heads, _ = lw.shape_of(q)
     length = lw.shape_of(mask)[3]
     per_user = lw.tensor(lw.out_name(node, "_mask_users"), [1, users, 1, length], lw.dtype_of(node), node)
-    lw.emit(node, "ttnn.reshape", [lw.ref(mask), [1, users, 1, length]], None, [per_user])
+    lw.emit(node, "ttnn.reshape", [lw.ref(mask), [1, -1, 1, length]], None, [per_user])  # users: -1 (ttnn pads)
     per_head = lw.tensor(lw.out_name(node, "_mask"), [1, users, heads, length], lw.dtype_of(node), node)
     lw.emit(node, "ttnn.repeat", ["%" + per_user, [1, 1, heads, 1]], None, [per_head])
     lw.result(node, "ttnn.transformer.scaled_dot_product_attention_decode",

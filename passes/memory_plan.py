@@ -212,9 +212,8 @@ def _gb(n: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
-# Weights a tensor-parallel target splits over its chips; the rest every chip holds whole
-# (in this version, Llama 3.2 Vision's tower and cross-attention layers too).
-_SPLIT_CATEGORIES = ("attention", "mlp", "lm_head")
+# Weights a tensor-parallel target splits over its chips; the rest every chip holds whole.
+_SPLIT_CATEGORIES = ("attention", "mlp", "lm_head", "cross_attention", "vision")
 
 
 def _kv_heads_per_chip(cfg, chips: int) -> int:

@@ -5,7 +5,8 @@ and prefill attention kernels take head_dim only in whole tiles ("Padding is not
 supported on the head_dim dimension"); Llama 3.2 Vision's encoder has 16 heads of 80.
 Guarantees: every qkv_heads whose q and k go straight to attention (no rotary) splits
 heads of a multiple of 32: each head's q, k and v columns of wqkv (and bias) are
-zero-padded, and the rows of the output projection after its merge_heads too. The
+zero-padded (the fused spec's q/k/v parts too, so sharding regroups padded heads), and
+the rows of the output projection after its merge_heads too. The
 attention keeps its explicit scale (1/sqrt of the real head_dim) and zero columns add
 nothing to a dot product or to the output, so the maths is unchanged. Heads that go
 through rotary (the text decoder) are left as they are.
@@ -21,6 +22,7 @@ import operator
 import torch.fx
 
 from compiler import dialect
+from compiler.facts import FusedPart
 from models_ref import ops as ref
 
 NAME = "pad_heads"
@@ -60,7 +62,9 @@ def run(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         for w in x.args[1:3]:  # wqkv and its bias: heads are blocks of head_dim columns
             if w is not None:
                 spec = weights[w.target]
-                spec.recipe, spec.fused = ["pad_heads", 1, head_dim, padded, spec.recipe], ()
+                spec.fused = tuple(FusedPart(p.role, ["pad_heads", 1, head_dim, padded, p.recipe],
+                                             p.width // head_dim * padded) for p in spec.fused)
+                spec.recipe = ["concat", 1, [p.recipe for p in spec.fused]]
                 spec.shape = spec.shape[:-1] + ((n_heads + 2 * n_kv) * padded,)
         spec = weights[wo.args[1].target]
         spec.recipe = ["pad_heads", 0, head_dim, padded, spec.recipe]

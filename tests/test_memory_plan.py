@@ -233,17 +233,17 @@ def test_qwen25_with_yarn_compiles_for_128k(tmp_path):
 
 
 def test_vision_plan_counts_the_image_side():
-    """Llama 3.2 Vision on N300: the 8 cross-attention layers (replicated on every chip in
-    this version: twice a sharded text layer's bytes per chip), the vision tower and
-    projector, and the cross-attention caches (one user, 8 layers, K and V, 6432 positions
-    of 8 KV heads in the KV dtype) are all in the plan."""
+    """Llama 3.2 Vision on N300: the 8 cross-attention layers (sharded like a decoder
+    layer: a text layer's bytes per chip each), the vision tower and projector, and the
+    cross-attention caches (one user, 8 layers, K and V, 6432 positions of 4 KV heads per
+    chip in the KV dtype) are all in the plan."""
     plan = _plan(SEEDS["llama3.2-11b-vision"], target="N300", max_seq_len=8192)
     text = _plan(SEEDS["llama3.1-8b"], target="N300", max_seq_len=8192)
     per_layer = (text.weights["attention"] + text.weights["mlp"]) // 32
     cross = plan.weights["cross_attention"]
-    assert 2 * per_layer * 8 <= cross < 2 * per_layer * 8 + 8 * 64 * 1024  # + norms, q/k norms, gates
-    assert 0.8 * GB < plan.weights["vision"] < 1.9 * GB  # 895M parameters, bfloat8_b matmuls in performance
-    assert plan.weights["cross_attention_cache"] == 16 * device_bytes((1, 8, 6432, 128), "bfloat8_b")
+    assert per_layer * 8 <= cross < per_layer * 8 + 8 * 64 * 1024  # + norms, q/k norms, gates
+    assert 0.5 * GB < plan.weights["vision"] < 1.2 * GB  # 895M parameters, matmuls split over 2 chips
+    assert plan.weights["cross_attention_cache"] == 16 * device_bytes((1, 4, 6432, 128), "bfloat8_b")
     assert plan.other_activation_bytes > 0  # the vision function's live set, beside the weights
 
 

@@ -40,11 +40,10 @@ SEED_CHUNKS = {
 # Where our planner's chunk (in K tokens) differs from the seed's, and why (README).
 OUR_CHUNK_DIFFERENCES = {
     ("llama3.2-3b", "N150"): 16,  # our activations at 16k fit beside 128k of KV; the seed keeps 8k
-    # Llama 3.2 Vision with its image side: the vision tower (1.37 GB) and the cross-attention
-    # layers (1.29 GB) are replicated on every chip in this version, plus the cross caches
-    ("llama3.2-11b-vision", "N300"): 8,
-    ("llama3.2-11b-vision", "T3K"): 32,
-    ("llama3.2-11b-vision", "TG"): 32,
+    # Llama 3.2 Vision with its image side: the vision tower (0.95 GB per chip on N300: its
+    # tables, patch embedding and projector are replicated) and the cross-attention layers
+    # (0.64 GB) beside the text model; a 32k chunk's activations would not fit
+    ("llama3.2-11b-vision", "N300"): 16,
     ("llama3.1-70b", "T3K"): 16,  # embedding table replicated on every chip (2 GB), seed shards it
     ("llama3.1-70b", "TG"): 64,  # residual stream replicated (seed: split over 4 columns)
     ("deepseek-r1-distill-llama-70b", "T3K"): 16,

@@ -28,7 +28,8 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_glo
 IMAGE = 100  # <|image|>: the first row after the vocabulary
 PROMPT = [1, 5, IMAGE, 7, 8, 9, 10, 11]  # two tokens before the image: HF's rows that see no tile
 TOKENS = PROMPT + [(11 * i + 20) % 97 + 3 for i in range(20)]
-TARGETS = ["N150", pytest.param("N300", marks=pytest.mark.slow), pytest.param("T3K", marks=pytest.mark.slow)]
+TARGETS = ["N150", pytest.param("N300", marks=pytest.mark.slow), pytest.param("T3K", marks=pytest.mark.slow),
+           pytest.param("TG", marks=pytest.mark.slow)]
 BOUNDS = {"float32": 0.99999, "accuracy": 0.999}
 
 
