@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import EXIT_INTERNAL, EXIT_USER, InternalCompilerError, missing_dependency
-from .options import BATCH_SIZES, OPTIMIZATIONS, CompileOptions, apply_env
+from .options import BATCH_SIZES, OPTIMIZATIONS, SAMPLING, CompileOptions, apply_env
 from .targets import TARGETS
 
 
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--max-num-blocks", type=int, help="KV page pool size in blocks (default 1024, "
                    "or one more than a full-length user's page table if that is larger)")
+    p.add_argument("--sampling", choices=SAMPLING, default="device",
+                   help="device: decode ends in top-k/top-p sampling on the device, one token id per user leaves "
+                        "it; host: decode returns logits (every program also has a logits variant of decode "
+                        "for teacher forcing)")
     p.add_argument("--no-weights", action="store_true", help="compile from the config alone")
     p.add_argument("--cache", help="converted-weight cache root (default $TT_CACHE_PATH or ~/.cache/ttcompile)")
     p.add_argument("--print-after", action="append", default=[], metavar="PASS")
@@ -61,7 +65,7 @@ def options_from_args(args, environ=os.environ) -> CompileOptions:
         batch_size=args.batch_size, max_seq_len=args.max_seq_len,
         max_prefill_chunk=args.max_prefill_chunk, block_size=args.block_size,
         paged_attention=not args.no_paged_attention,
-        max_num_blocks=args.max_num_blocks, no_weights=args.no_weights,
+        max_num_blocks=args.max_num_blocks, no_weights=args.no_weights, sampling=args.sampling,
         **({"cache_dir": Path(args.cache)} if args.cache else {}))
     return apply_env(options, environ, explicit)
 
@@ -83,7 +87,8 @@ def _run(args) -> int:
         print(text)
     if args.report:
         from .report import format_report
-        print(format_report(result.plan, result.cfg.name, options.optimizations, result.program.precision))
+        print(format_report(result.plan, result.cfg.name, options.optimizations, result.program.precision,
+                            program=result.program))
     if args.emit == "python":
         from lowering.emit_python import emit_program
         print(emit_program(result.program))

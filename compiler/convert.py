@@ -32,11 +32,11 @@ class RecipeEvaluator:
             blocks = t.split(head_dim, dim=dim)
             zero = torch.zeros_like(blocks[0])
             return torch.cat([blocks[h] if h >= 0 else zero for h in heads], dim=dim)
-        if kind == "pad":  # zero-pad dim up to size
-            dim, size, inner = args
+        if kind == "pad":  # pad dim up to size with zeros (or `value`: rotary cos tables get ones)
+            dim, size, inner, *value = args
             t = self(inner)
             pad = [0, 0] * (t.dim() - 1 - dim) + [0, size - t.shape[dim]]
-            return torch.nn.functional.pad(t, pad)
+            return torch.nn.functional.pad(t, pad, value=value[0] if value else 0.0)
         if kind == "tanh_scale":  # a learned gate folded into what it scales (passes/fold_gates.py)
             gate, inner = args
             return self(inner) * torch.tanh(self(gate).float()).to(torch.float32)
@@ -55,6 +55,9 @@ class RecipeEvaluator:
             return torch.cat([torch.nn.functional.pad(b, pad) for b in blocks], dim=dim)
         if kind == "zeros":
             return torch.zeros(args[0])
+        if kind == "scale":  # a constant factor (passes/pad_heads.py: q/k norms over padded heads)
+            factor, inner = args
+            return self(inner).float() * factor
         if kind == "rope_table":
             which, rows = args
             if rows not in self._rope:

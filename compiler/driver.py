@@ -1,10 +1,12 @@
 """The compile driver: model directory -> Program (+ converted weights in the cache)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowering.lower import device_weights, lower
+from lowering.sampling import with_device_sampling
 from lowering.program import Function, Program, TensorSpec
 from lowering.stamp import (TRACED_LAYERS, canonical_names, canonical_order, stamp_function,
                             stamp_state, stamp_weights)
@@ -120,6 +122,10 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
         if mode == "vision":
             resident, other_activations = dict(ctx.facts.weights), plan.other_activation_bytes
         functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, cfg.n_layers, traced_layers)
+        if mode == "decode" and options.sampling == "device":
+            # decode ends in sampling on the device; the logits variant serves teacher forcing
+            functions["decode_logits"] = dataclasses.replace(functions["decode"], name="decode_logits")
+            functions["decode"] = with_device_sampling(functions["decode_logits"], options.batch_size)
         precision = ctx.facts.precision
         weights = canonical_order({**weights, **mode_weights})
         state = canonical_order({**state, **mode_state})

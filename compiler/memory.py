@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from models_ref.names import NORMS, Role
 from runtime import schedule
-from runtime.blockfloat import bytes_for
+from runtime.blockfloat import SCALAR_BYTES, bytes_for
 
 GB = 1 << 30  # as compiler.targets: "12 GB" is 12 x 2**30 bytes
 SHORT_CONTEXT = 1024  # context of the "short" decode bandwidth estimate
@@ -38,10 +38,13 @@ def weight_category(role: Role | None) -> str:
     return CATEGORIES.get(role, "other")
 
 
-def device_bytes(shape, dtype: str) -> int:
-    """Bytes of one device tensor: TILE layout; a 1-D vector is stored as the ROW_MAJOR
-    [ceil(n/32), 32] rows the lowering makes of norm weights."""
+def device_bytes(shape, dtype: str, layout: str = "TILE") -> int:
+    """Bytes of one device tensor: TILE layout pads the last two dims to 32 (a 1-D vector
+    is stored as the ROW_MAJOR [ceil(n/32), 32] rows the lowering makes of norm weights);
+    ROW_MAJOR scalars are not padded."""
     shape = tuple(shape)
+    if layout == "ROW_MAJOR" and dtype in SCALAR_BYTES:
+        return math.prod(shape) * SCALAR_BYTES[dtype]
     if len(shape) == 1:
         shape = (math.ceil(shape[0] / 32), 32)
     return bytes_for(shape, dtype)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OPTIMIZATIONS = ("performance", "accuracy", "float32")
+SAMPLING = ("device", "host")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 
@@ -23,6 +24,7 @@ class CompileOptions:
     no_weights: bool = False
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "ttcompile")
     pad_mlp_cores: int | None = None
+    sampling: str = "device"  # decode ends in sampling on the device (token ids leave it), or logits go to the host
 
     def __post_init__(self):
         if self.optimizations not in OPTIMIZATIONS:
@@ -39,6 +41,8 @@ class CompileOptions:
             raise ValueError(f"block size {self.block_size} must be a positive multiple of 32 (the tile height)")
         if self.max_num_blocks is not None and self.max_num_blocks < 1:
             raise ValueError(f"max-num-blocks {self.max_num_blocks} must be at least 1")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"unknown sampling '{self.sampling}' (choose {', '.join(SAMPLING)})")
         if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
             raise ValueError(f"max-prefill-chunk {self.max_prefill_chunk} must be a positive number of tokens")
 

@@ -1,12 +1,17 @@
-"""`ttcompile --report`: the memory plan of a compiled program as a table.
+"""`ttcompile --report`: the memory plan of a compiled program as a table, then its device
+time.
 
-Bytes are per chip, in GB of 2**30 bytes (as compiler.targets states DRAM sizes). The
-decode speed is an estimate: a bound from DRAM bandwidth alone (see
-passes/memory_plan.py), not a measurement.
+Bytes are per chip, in GB of 2**30 bytes (as compiler.targets states DRAM sizes). Speeds
+are estimates from arithmetic on the program (compiler/cost.py: every op's bytes, FLOPs,
+collectives and dispatch at the target's rates), not measurements; beside them, the old
+bound from DRAM bandwidth alone (every weight and the KV read once per step at peak).
 """
 from __future__ import annotations
 
-from compiler.memory import GB, SHORT_CONTEXT, MemoryPlan
+from compiler import cost
+from compiler.memory import GB, SHORT_CONTEXT, MemoryPlan, device_bytes
+
+PROMPT_TOKENS = 128  # the prompt of the TTFT estimate (the reference's published TTFTs)
 
 
 def _gb(n: float) -> str:
@@ -28,7 +33,47 @@ def format_precision(precision: dict) -> list[str]:
     return lines
 
 
-def format_report(plan: MemoryPlan, model: str, optimizations: str, precision: dict | None = None) -> str:
+def format_device_time(program, plan: MemoryPlan) -> list[str]:
+    """Decode tokens/s/user and prefill TTFT, and where each one's time goes by op class."""
+    short = min(SHORT_CONTEXT, plan.context)
+    decode = cost.decode_estimate(program, context=short)
+    untraced = cost.decode_estimate(program, context=short, traced=False)
+    full = cost.decode_estimate(program, context=plan.context)
+    prefill = cost.prefill_estimate(program, prompt_tokens=min(PROMPT_TOKENS, plan.context))
+    lines = ["device time (estimate: compiler/cost.py; rates and their sources: compiler/targets.py)",
+             _row("decode tokens/s/user (estimate)", f"{decode.tokens_per_s_per_user:.1f}",
+                  f"at {short} tokens, traced; {untraced.tokens_per_s_per_user:.1f} untraced (op by op, as "
+                  f"the ttnn backend runs); {full.tokens_per_s_per_user:.1f} traced at {plan.context}"),
+             _row("prefill TTFT (estimate)", f"{prefill.seconds * 1e3:.1f} ms",
+                  f"a {prefill.context}-token prompt, untraced"),
+             _row("where the time goes", "", f"{'decode, traced':>18}   {'prefill, untraced':>18}")]
+    for cls in cost.CLASSES:
+        cells = [f"{est.by_class[cls] * 1e3:9.2f} ms {100 * est.by_class[cls] / est.seconds:3.0f}%"
+                 for est in (decode, prefill)]
+        lines.append(_row(f"  {cls}", "", "   ".join(cells)))
+    lines.append(_row("  total", "", "   ".join(f"{e.seconds * 1e3:9.2f} ms {e.ops:>4}" for e in (decode, prefill))
+                      + "  (ops)"))
+    lines.append(_row("decode bound (peak DRAM)", f"{plan.decode_tokens_per_s_per_user(short):.1f}",
+                      f"at {short} tokens: weights + KV read once per step at {plan.dram_bandwidth_gbs:.0f} GB/s "
+                      "per chip and nothing else (an upper bound)"))
+    lines.append(format_decode_output(program))
+    return lines
+
+
+def format_decode_output(program) -> str:
+    """What leaves the device per decode step and user: a token id when decode samples on
+    the device, a (tile-padded) row of logits when the host samples."""
+    fn = program.functions["decode"]
+    out = fn.tensors[fn.outputs[0]]
+    users = out.shape[-1] if "decode_logits" in program.functions else out.shape[-2]
+    per_user = device_bytes(out.shape, out.dtype, "ROW_MAJOR") / users  # the values, not tile padding
+    what = "token id, sampled on the device" if "decode_logits" in program.functions else \
+        f"logits {out.shape[-1]} x {out.dtype}, sampled on the host (--sampling device: 4 B)"
+    return _row("decode output to host", f"{per_user:,.0f} B", f"per user per step ({what})")
+
+
+def format_report(plan: MemoryPlan, model: str, optimizations: str, precision: dict | None = None,
+                  program=None) -> str:
     cats = plan.by_category()
     lines = [f"memory plan: {model} on {plan.target} ({plan.chips} chip{'s' if plan.chips > 1 else ''}, "
              f"{plan.dram_bytes / GB:.0f} GB DRAM per chip), {optimizations}, batch {plan.batch}",
@@ -53,13 +98,14 @@ def format_report(plan: MemoryPlan, model: str, optimizations: str, precision: d
     lines.append(_row("collectives per layer", "", collectives))
     lines.append(_row("decode live set (L1)", f"{plan.decode_activation_bytes / 2**20:.2f} MB",
                       f"of {plan.l1_bytes / 2**20:.0f} MB L1 per chip"))
-    short = min(SHORT_CONTEXT, plan.context)
-    lines.append(_row("decode tokens/s/user (estimate)",
-                      f"{plan.decode_tokens_per_s_per_user(short):.1f}",
-                      f"at {short} tokens; {plan.decode_tokens_per_s_per_user(plan.context):.1f} at "
-                      f"{plan.context}: bound from {plan.dram_bandwidth_gbs:.0f} GB/s DRAM per chip, "
-                      "weights + KV read once per step"))
     lines += [f"  note: {n}" for n in plan.notes]
     if precision:
         lines += format_precision(precision)
+    if program is not None:
+        lines += format_device_time(program, plan)
+    else:
+        short = min(SHORT_CONTEXT, plan.context)
+        lines.append(_row("decode bound (peak DRAM)", f"{plan.decode_tokens_per_s_per_user(short):.1f}",
+                          f"tokens/s/user at {short} tokens: weights + KV at {plan.dram_bandwidth_gbs:.0f} GB/s "
+                          "(an upper bound)"))
     return "\n".join(lines)

@@ -90,12 +90,16 @@ def _getitem(lw: Lowering, node):
     lw.names[node] = lw.names[source][index]
 
 
+ROTARY_FP32_DEST_MAX_HEAD_DIM = 128  # ttnn 0.81.1: "If head_dim is > 128, fp32_dest_acc_en must be False"
+
+
 def _rotary(lw: Lowering, node):
     x, cos, sin = node.args
+    fp32_acc = lw.shape_of(x)[-1] <= ROTARY_FP32_DEST_MAX_HEAD_DIM
     lw.result(node, "ttnn.experimental.rotary_embedding_llama",
               [lw.ref(x), lw.ref(cos), lw.ref(sin), "%" + TRANS_MAT],
               {"is_decode_mode": lw.ctx.decode,
-               "compute_kernel_config": compute_config("HiFi4")})
+               "compute_kernel_config": compute_config("HiFi4", fp32_acc)})
 
 
 def _cache_input(lw: Lowering, node, cache, kv) -> str:

@@ -91,6 +91,12 @@ _DEFS = [
           doc="padding: a (before, after) pair per dim, filled with value"),
     OpDef("ttnn.repeat", ("input_tensor", "repetition_vector"), ("memory_config",),
           doc="tile the tensor repetition_vector[d] times along each dim d"),
+    # Sampling on the device (lowering/sampling.py)
+    OpDef("ttnn.topk", ("input_tensor", "k"), ("dim", "largest", "sorted", "memory_config"), outputs=2,
+          doc="the k largest values along dim, sorted, and their indices (ties: lower index first)"),
+    OpDef("ttnn.sampling", ("input_values_tensor", "input_indices_tensor"), ("k", "p", "temp", "seed"),
+          doc="per user: top-k of the sorted candidates, x temp, softmax, smallest prefix of mass > p, a draw; "
+              "returns input_indices at the drawn position, [1, 1, 1, users] uint32"),
 ]
 
 OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}

@@ -39,6 +39,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from runtime.files import pid_alive
+
 __all__ = ["import_gguf", "fetch_smollm2", "main", "MARKER_NAME", "ImportErrorGGUF"]
 
 MARKER_NAME = ".import-complete"
@@ -122,18 +124,6 @@ def _check_dtype(dtype) -> str:
     return name
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def _staging_prefix(out_dir: Path) -> str:
     return f".{out_dir.name}.importing-"
 
@@ -149,7 +139,7 @@ def _remove_stale_staging(out_dir: Path) -> None:
         if not (p.name.startswith(prefix) and p.is_dir()):
             continue
         pid_part = p.name[len(prefix):].split("-", 1)[0]
-        if pid_part.isdigit() and int(pid_part) != os.getpid() and not _pid_alive(int(pid_part)):
+        if pid_part.isdigit() and int(pid_part) != os.getpid() and not pid_alive(int(pid_part)):
             shutil.rmtree(p, ignore_errors=True)
 
 

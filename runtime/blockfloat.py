@@ -36,7 +36,7 @@ FORMATS = {
     "bfloat4_b": BlockFormat("bfloat4_b", 3, 129, 64 + 512),
 }
 
-_SCALAR_BYTES = {"bfloat16": 2, "float32": 4, "uint32": 4, "int32": 4}
+SCALAR_BYTES = {"bfloat16": 2, "float32": 4, "uint32": 4, "int32": 4}
 
 
 def round_bfloat16(x) -> np.ndarray:
@@ -57,7 +57,7 @@ def bytes_for(shape, dtype: str) -> int:
     n = math.prod(dims[:-2]) * rows * cols
     if dtype in FORMATS:
         return n // (TILE * TILE) * FORMATS[dtype].tile_bytes
-    return n * _SCALAR_BYTES[dtype]
+    return n * SCALAR_BYTES[dtype]
 
 
 def quantize(x, fmt: str) -> np.ndarray:

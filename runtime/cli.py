@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .presets import PRESETS
 
@@ -60,8 +61,11 @@ def _run(args) -> int:
     preset = PRESETS.get(args.preset) or Preset("prompt", "", 1, 128, 4096)
     if not (args.program or args.model):
         raise ValueError("give --program OUT (or --model DIR to compile first)")
+    start = time.perf_counter()
     program = _compile(args, preset) if args.model else args.program
+    compile_s = time.perf_counter() - start if args.model else 0.0
     session = runtime.load(program, backend=args.backend)
+    session.stats.compile_s = compile_s  # reported with the load and warm-up
     instruct = not args.no_instruct and session.tokenizer.has_chat_template
     if args.preset == "prompt":
         if not args.prompts:

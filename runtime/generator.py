@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from . import schedule
-from .sampling import sample
+from .sampling import sample, sample_like_device
 from .stats import Stats
 
 
@@ -56,7 +56,7 @@ def generate(session, prompts, max_generated_tokens, temperature, top_p, seed, s
     if stop_at_eos and not as_text:
         eos = _eos_without_text(session)
     rng = np.random.default_rng(seed)
-    stats = Stats(users=len(encoded))
+    stats = Stats(users=len(encoded), **session.stats.startup())  # keeps load and warm-up times
     start = time.perf_counter()
     outputs: dict[int, list[int]] = {}
     for group in _batches(session, encoded, max_generated_tokens):  # repeat batches
@@ -115,10 +115,13 @@ def _run_batch(session, group, images, max_new, temperature, top_p, rng, eos, st
             session.pages.reserve(slot, _reservation(session, ids, max_new))
     for slot, (ids, image) in enumerate(zip(group, images)):
         session.images.load(slot, ids, image)
+    device = session.samples_on_device
+    if device:  # each user's draws on the device come from its own seeded generator
+        session.backend.seed_sampling(rng.integers(0, 2 ** 31, size=batch))
     t0 = time.perf_counter()
     last_logits = np.stack([session.prefill(ids, user_id=slot) for slot, ids in enumerate(group)])
     stats.prefill_s += time.perf_counter() - t0
-    next_tokens = sample(last_logits, temperature, top_p, rng)
+    next_tokens = (sample_like_device if device else sample)(last_logits, temperature, top_p, rng)
     if stats.time_to_first_token_s == 0.0:
         stats.time_to_first_token_s = time.perf_counter() - start
     lengths = np.array([len(ids) for ids in group])
@@ -133,9 +136,11 @@ def _run_batch(session, group, images, max_new, temperature, top_p, rng, eos, st
         for slot, g in enumerate(generated):
             tokens[slot] = g[-1]
             positions[slot] = -1 if done[slot] else lengths[slot] + len(g) - 1
-        logits = session.decode(tokens, positions)[: len(group)]
+        if device:
+            chosen = session.decode_sample(tokens, positions, temperature, top_p)[: len(group)]
+        else:
+            chosen = sample(session.decode(tokens, positions)[: len(group)], temperature, top_p, rng)
         stats.decode_steps += 1
-        chosen = sample(logits, temperature, top_p, rng)
         active = [slot for slot in range(len(group)) if not done[slot]]
         for slot in active:
             generated[slot].append(int(chosen[slot]))

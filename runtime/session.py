@@ -14,6 +14,7 @@ from lowering.program import Program
 
 from . import schedule
 from .generator import generate
+from .sampling import device_params
 from .stats import Stats
 
 TILE = 32
@@ -159,14 +160,32 @@ class Session:
             {**scalars, "last_tile_start": tile})
         return logits.reshape(-1, logits.shape[-1])[local - tile, : self.vocab_size]
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One decode step for the whole batch: tokens/positions [B] -> logits [B, V].
-        A user at position < 0 is inactive: it reads and writes no cache."""
+    @property
+    def samples_on_device(self) -> bool:
+        """The program's decode ends in sampling (one token id per user leaves the device);
+        its "decode_logits" variant returns logits (teacher forcing)."""
+        return "decode_logits" in self.program.functions
+
+    def _decode_inputs(self, tokens: np.ndarray, positions: np.ndarray) -> dict:
         inputs = {"tokens": tokens[None], "positions": positions[None], **self.images.decode_inputs(positions)}
         if self.paged:
             inputs["page_table"] = self.pages.table(self.batch_size)
-        (logits,) = self.backend.run("decode", inputs)
+        return inputs
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One decode step for the whole batch: tokens/positions [B] -> logits [B, V].
+        A user at position < 0 is inactive: it reads and writes no cache."""
+        function = "decode_logits" if self.samples_on_device else "decode"
+        (logits,) = self.backend.run(function, self._decode_inputs(tokens, positions))
         return logits.reshape(-1, logits.shape[-1])[: len(tokens), : self.vocab_size]
+
+    def decode_sample(self, tokens: np.ndarray, positions: np.ndarray, temperature: float,
+                      top_p: float) -> np.ndarray:
+        """One decode step sampled on the device (runtime.sampling.device_params): token
+        ids [B]; only they leave the device."""
+        params = device_params(temperature, top_p, self.batch_size)
+        (ids,) = self.backend.run("decode", {**self._decode_inputs(tokens, positions), **params})
+        return ids.reshape(-1)[: len(tokens)].astype(np.int64)
 
     # ------------------------------------------------------------------ public API
     def teacher_forced_logits(self, token_ids: list[int], prefill_len: int, image=None) -> np.ndarray:
@@ -210,8 +229,35 @@ class Session:
                         stop_at_eos, instruct, on_token, images)
 
 
-def load(path: str | Path, backend: str = "emulator", system: str | None = None) -> Session:
+def load(path: str | Path, backend: str = "emulator", system: str | None = None,
+         warmup: bool | None = None) -> Session:
     """Open an artifact on a backend. `system` names the machine the emulator pretends to
-    be (a program for a smaller mesh runs on a sub-mesh of it, as FAKE_DEVICE does)."""
+    be (a program for a smaller mesh runs on a sub-mesh of it, as FAKE_DEVICE does).
+    `warmup`: run every function once before returning (None: on the ttnn backend, whose
+    first calls compile kernels; the emulator compiles nothing). Load and warm-up times
+    are in `Session.stats`."""
+    import time
+
+    start = time.perf_counter()
     program, manifest = read_artifact(path)
-    return Session(Path(path), program, manifest, make_backend(program, manifest, backend, system))
+    session = Session(Path(path), program, manifest, make_backend(program, manifest, backend, system))
+    _startup(session, time.perf_counter() - start, warmup)
+    return session
+
+
+def _startup(session: Session, load_s: float, warmup: bool | None) -> None:
+    """Record the load in session.stats and run the warm-up (one prefill and one decode
+    step: kernel compilation and ttnn's program cache), timed apart from any request."""
+    backend, stats = session.backend, session.stats
+    weight_load = getattr(backend, "weight_load", None) or {}
+    stats.load_s, stats.weights_s = load_s, float(weight_load.get("seconds", 0.0))
+    stats.weights_from = weight_load.get("from", "")
+    if warmup is None:
+        warmup = hasattr(backend, "warm_up")
+    if not warmup:
+        return
+    if not hasattr(backend, "warm_up"):
+        raise ValueError(f"the {backend.name} backend compiles nothing: it has no warm-up")
+    seconds = backend.warm_up()
+    stats.warmup_prefill_s = sum(t for name, t in seconds.items() if not name.startswith("decode"))
+    stats.warmup_decode_s = sum(t for name, t in seconds.items() if name.startswith("decode"))

@@ -91,6 +91,29 @@ def test_rotary_embedding_llama_rotates_interleaved_pairs(head_dim, decode):
     torch.testing.assert_close(got, ref.rotary(x, cos, sin), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [16, 48, 80, 100])
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_rotary_on_heads_padded_to_whole_tiles_keeps_real_dims_and_zero_padding(head_dim, decode):
+    """passes/pad_heads.py: heads zero-padded to whole tiles with cos = 1, sin = 0 on the
+    padded dims. The tile-wise transformation matrix rotates pairs inside 32-wide tiles;
+    no pair straddles the real/padded boundary (head_dim is even), so the real dims equal
+    the unpadded rotation and the padded dims stay zero."""
+    padded = -(-head_dim // 32) * 32
+    rows = 4 if decode else 40
+    cos_table, sin_table = cos_sin_tables(TINY.replace(head_dim=head_dim), 64)
+    positions = torch.tensor([3, 17, 0, 63]) if decode else torch.arange(rows) + 5
+    cos, sin = ref.rope_rows(cos_table, positions, decode), ref.rope_rows(sin_table, positions, decode)
+    x = _randn(1, rows, H, head_dim) if decode else _randn(1, H, rows, head_dim)
+    pad = padded - head_dim
+
+    got = IMPLS["ttnn.experimental.rotary_embedding_llama"](
+        F.pad(x, (0, pad)), F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad)),
+        transformation_matrix().reshape(1, 1, 32, 32), is_decode_mode=decode)
+
+    torch.testing.assert_close(got[..., :head_dim], ref.rotary(x, cos, sin), atol=1e-6, rtol=1e-5)
+    assert got.shape[-1] == padded and not got[..., head_dim:].any()
+
+
 # ============================================================================ heads
 def _fused_qkv(rows, seed=0):
     return _randn(1, 1, rows, (H + 2 * HKV) * HD, seed=seed)

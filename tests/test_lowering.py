@@ -252,8 +252,9 @@ def test_emit_python(compiled):
     program = compiled[("performance", "qwen2")].program
     text = emit_program(program)
     assert "import ttnn" in text
-    assert "def prefill(" in text and "def decode(" in text
-    assert text.count("ttnn.experimental.nlp_create_qkv_heads_decode(") == 2
+    assert "def prefill(" in text and "def decode(" in text and "def decode_logits(" in text
+    assert text.count("ttnn.experimental.nlp_create_qkv_heads_decode(") == 4  # decode and decode_logits
+    assert "ttnn.sampling(" in text and "ttnn.topk(" in text
     assert "input_tensor_a_activations=['silu']" in text
     assert "# layer 1" in text
 
@@ -290,7 +291,7 @@ def test_float32_program_on_the_emulator_matches_the_graph(compiled):
         np.testing.assert_allclose(out, want.numpy(), atol=2e-4, rtol=1e-4)
 
     tokens = rng.integers(0, cfg.vocab_size, (1, BATCH))
-    (out,) = backend.run("decode", {"tokens": tokens, "positions": np.array([lengths])})
+    (out,) = backend.run("decode_logits", {"tokens": tokens, "positions": np.array([lengths])})
     gm, ctx = graphs["decode"]
     want, _ = run_real(gm, ctx.facts, sources, {
         "tokens": torch.from_numpy(tokens), "positions": torch.tensor(lengths),
@@ -311,3 +312,24 @@ def _sources(cfg) -> dict:
 
     facts = GraphFacts({n: WeightSpec(n, s, ["source", n]) for n, s in expected_shapes(cfg).items()})
     return random_sources(facts, seed=1)
+
+
+@pytest.mark.parametrize("head_dim", [100, 160])
+def test_heads_that_are_not_whole_tiles_lower_as_ttnn_takes_them(tmp_path, head_dim):
+    """passes/pad_heads.py: heads of 100 (160) are split, rotated, cached and attended as
+    heads of 128 (160 is whole tiles), with the scale of the real head_dim; rotary on heads
+    wider than 128 turns fp32 dest accumulation off ("If head_dim is > 128,
+    fp32_dest_acc_en must be False", ttnn 0.81.1)."""
+    padded = -(-head_dim // 32) * 32
+    program = compile_tiny(write_config(tmp_path, head_dim=head_dim), "performance").program
+    assert {spec.shape[-1] for spec in program.state.values()} == {padded}
+    for fn in program.functions.values():
+        if fn.name not in ("prefill", "decode"):
+            continue
+        heads = [op for op in fn.ops if op.op.startswith("ttnn.experimental.nlp_create_qkv_heads")]
+        rotary = [op for op in fn.ops if op.op == "ttnn.experimental.rotary_embedding_llama"]
+        attention = [op for op in fn.ops if op.op.startswith("ttnn.transformer.")]
+        assert heads and rotary and attention
+        assert {fn.tensors[out].shape[-1] for op in heads for out in op.out} == {padded}
+        assert {op.kwargs["compute_kernel_config"]["fp32_dest_acc_en"] for op in rotary} == {padded <= 128}
+        assert {op.kwargs["scale"] for op in attention} == {head_dim ** -0.5}

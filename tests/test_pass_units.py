@@ -1,4 +1,4 @@
-"""Unit tests for shard, paged_kv, chunked_prefill and memory_plan on tiny hand-built graphs.
+"""Unit tests for pad_heads, shard, paged_kv, chunked_prefill and memory_plan on tiny hand-built graphs.
 
 No tracing of the reference model, no weights files, no emulator, no hardware: graphs are
 built node by node with `test_passes.GraphBuilder` (real random weights from recipes),
@@ -61,7 +61,8 @@ def unit_ctx(mode: str = "prefill", target="N150", cfg=TINY, rows: int = 32, seq
 
 def build_model(ctx: PassContext, layers: int = 1, seed: int = 0):
     """An unfused model of `layers` decoder layers in the canonical dialect (three q/k/v
-    linears + split_heads, silu/mul MLP), as canonicalize leaves a traced model. Caches
+    linears + split_heads, with biases and q/k norms when the config has them, silu/mul
+    MLP), as canonicalize leaves a traced model. Caches
     are contiguous `[batch, Hkv, max_seq_len, hd]`; inputs are declared on the context
     (ctx.add_input) so passes that add inputs and the planner's second propagation see them."""
     cfg, decode = ctx.cfg, ctx.decode
@@ -89,8 +90,13 @@ def build_model(ctx: PassContext, layers: int = 1, seed: int = 0):
         heads = {}
         for part, n in (("wq", h), ("wk", hkv), ("wv", hkv)):
             w = b.weight(f"{p}attention.{part}.weight", cfg.dim, n * hd)
-            lin = b.call(dialect.linear, normed, w, None, layer=i)
+            bias = b.bias(f"{p}attention.{part}.bias", n * hd) if cfg.qkv_bias else None
+            lin = b.call(dialect.linear, normed, w, bias, layer=i)
             heads[part] = b.call(ref.split_heads, lin, n, hd, decode, layer=i)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each q and k head, before rotary
+            for part, norm in (("wq", "q_norm"), ("wk", "k_norm")):
+                gamma = b.vector(f"{p}attention.{norm}.weight", hd)
+                heads[part] = b.call(ref.rms_norm, heads[part], gamma, cfg.norm_eps, layer=i)
         q = b.call(ref.rotary, heads["wq"], cos, sin, layer=i)
         k = b.call(ref.rotary, heads["wk"], cos, sin, layer=i)
         v = heads["wv"]
@@ -234,6 +240,135 @@ def _heads(t: torch.Tensor, heads, head_dim: int, dim: int) -> torch.Tensor:
 def shard_cache(t: torch.Tensor, plan) -> torch.Tensor:
     """A global `[B, Hkv, L, hd]` cache as the sharded global `[B, chips x local_kv, L, hd]`."""
     return torch.cat([_heads(t, kvs, 1, 1) for kvs in plan.kv_heads], dim=1)
+
+
+# ============================================================================ pad_heads
+PAD_CASES = {  # head_dim -> what the variant adds (heads 4 of 2 KV heads, dim 64)
+    "hd16": TINY.replace(name="tiny-hd16", head_dim=16),
+    "hd48-bias": TINY.replace(name="tiny-hd48", head_dim=48, qkv_bias=True),
+    "hd80-qknorm": TINY.replace(name="tiny-hd80", head_dim=80, qk_norm=True),
+    "hd100": TINY.replace(name="tiny-hd100", head_dim=100),
+}
+
+
+def pad_cache(t: torch.Tensor, head_dim: int, padded: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, padded - head_dim))
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("case", list(PAD_CASES))
+def test_pad_heads_pads_rotary_heads_and_keeps_the_numbers(case, mode):
+    """Heads that go through rotary (and q/k norms, biases, caches) are padded to whole
+    tiles: wqkv columns and bias per head, wo rows, q/k norm gamma (scaled by sqrt(h/hp),
+    eps by h/hp), cos/sin tables (1 and 0 on padded dims), caches; the attention scale
+    stays 1/sqrt(h). Two layers in float32: the logits equal the unpadded graph's, the
+    caches hold the unpadded heads in their first h dims and zeros after (decode starts from
+    random caches, padded with zeros)."""
+    from passes import pad_heads
+
+    cfg = PAD_CASES[case]
+    hd = cfg.head_dim
+    hp = -(-hd // 32) * 32
+    batch = 2 if mode == "decode" else 1
+    ctx = unit_ctx(mode, "N150", cfg, batch_size=batch)
+    b, gm = fused_model(ctx, layers=2)
+    g = torch.Generator().manual_seed(1)
+    state = {n: 0.5 * torch.randn(s.shape, generator=g) for n, s in ctx.facts.state.items()} if ctx.decode else {}
+    before, before_state = run_real(gm, ctx.facts, b.sources, b.real_inputs, cfg, state)
+    scales = {n.args[3] if n.target is ref.causal_attention else n.args[4]
+              for n in nodes_of(gm, ref.causal_attention) + nodes_of(gm, ref.decode_attention)}
+
+    gm = step(pad_heads, gm, ctx)
+    assert ctx.counters["pad_heads"] == 2
+    assert {n.args[3] for n in nodes_of(gm, dialect.qkv_heads)} == {hp}
+    weights = ctx.facts.weights
+    width = (cfg.n_heads + 2 * cfg.n_kv_heads) * hp
+    assert weights["layers.0.attention.wqkv.weight"].shape == (cfg.dim, width)
+    assert ("layers.0.attention.wqkv.bias" in weights) == cfg.qkv_bias
+    if cfg.qkv_bias:
+        assert weights["layers.0.attention.wqkv.bias"].shape == (1, width)
+    assert weights["layers.0.attention.wo.weight"].shape == (cfg.n_heads * hp, cfg.dim)
+    assert weights["rope_cos"].shape == weights["rope_sin"].shape == (MAX_SEQ, hp)
+    assert {s.shape[-1] for s in ctx.facts.state.values()} == {hp}
+    norms = [n for n in nodes_of(gm, ref.rms_norm) if weights[n.args[1].target].role in (Role.Q_NORM, Role.K_NORM)]
+    assert len(norms) == (4 if cfg.qk_norm else 0)
+    for n in norms:
+        assert weights[n.args[1].target].shape == (hp,) and n.args[2] == pytest.approx(cfg.norm_eps * hd / hp)
+    attention = nodes_of(gm, ref.causal_attention) + nodes_of(gm, ref.decode_attention)
+    assert {n.args[3] if n.target is ref.causal_attention else n.args[4] for n in attention} == scales == {hd ** -0.5}
+
+    padded_state = {n: pad_cache(t, hd, hp) for n, t in state.items()}
+    after, after_state = run_real(gm, ctx.facts, b.sources, b.real_inputs, cfg, padded_state)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    for name, cache in before_state.items():
+        torch.testing.assert_close(after_state[name][..., :hd], cache, atol=1e-5, rtol=1e-5)
+        assert not after_state[name][..., hd:].any(), name
+    evaluate = RecipeEvaluator(_DictReader(b.sources), cfg)
+    cos, sin = evaluate(weights["rope_cos"].recipe), evaluate(weights["rope_sin"].recipe)
+    assert torch.equal(cos[:, :hd], b.sources["rope_cos"]) and bool((cos[:, hd:] == 1).all())
+    assert torch.equal(sin[:, :hd], b.sources["rope_sin"]) and not sin[:, hd:].any()
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("target", ["N300", "T3K"])
+def test_padded_heads_shard_chip_by_chip_like_the_unpadded_graph(target, mode):
+    """pad_heads then shard (heads of 80 padded to 96, 6 heads of 2 KV heads, q/k norms):
+    every chip's logits equal the unpadded, unsharded graph's; each chip's caches hold its
+    heads, padded."""
+    from passes import pad_heads
+
+    cfg = TINY_6x2.replace(head_dim=80, qk_norm=True)
+    ctx, b, gm, state, before, before_state = _unsharded_run(mode, target, cfg)
+
+    gm = step(shard, step(pad_heads, gm, ctx), ctx)
+    plan = plan_heads(cfg.n_heads, cfg.n_kv_heads, ctx.target.tp_size)
+    outs, chip_state = run_mesh(gm, ctx, b.sources, b.real_inputs,
+                                {n: shard_cache(pad_cache(t, 80, 96), plan) for n, t in state.items()})
+    for out in outs:
+        torch.testing.assert_close(out[..., :cfg.vocab_size], before, atol=1e-5, rtol=1e-5)
+    for name, per_chip in chip_state.items():
+        for c, piece in enumerate(per_chip):
+            expected = _heads(pad_cache(before_state[name], 80, 96), plan.kv_heads[c], 1, 1)
+            torch.testing.assert_close(piece, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pad_heads_refuses_heads_it_cannot_pad():
+    """Heads of 80 that an op outside its list reads, or that stay unfused (fuse_qkv does
+    not fire when a projection has another reader), are refused with the reason rather
+    than emitted for ttnn to reject."""
+    from passes import pad_heads
+
+    cfg = TINY.replace(head_dim=80)
+    ctx = unit_ctx("prefill", "N150", cfg)
+    _, gm = fused_model(ctx)
+    q = next(n for n in gm.graph.nodes if n.target is operator.getitem and n.args[1] == 0)
+    with gm.graph.inserting_after(q):
+        extra = gm.graph.call_function(dialect.silu, (q,))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = ((output.args[0], extra),)
+    with pytest.raises(CompileError, match=r"layer 0: heads of 80 are read by silu .*whole tiles of 32"):
+        pad_heads.run(gm, ctx)
+
+    ctx = unit_ctx("prefill", "N150", cfg)
+    b, gm = build_model(ctx)
+    pipeline.refresh(gm, ctx)
+    with pytest.raises(CompileError, match="heads of 80 from an unfused projection"):
+        pad_heads.run(gm, ctx)
+
+
+def test_memory_plan_counts_padded_heads():
+    """The planner reads the padded specs: heads of 80 cost what heads of 96 cost (KV cache
+    per token, rope table per position, attention weights)."""
+    from passes import pad_heads
+
+    plans = {}
+    for hd in (80, 96):
+        ctx = mem_ctx(cfg=MEM_CFG.replace(head_dim=hd))
+        compile_through(ctx, [pad_heads, shard, paged_kv, chunked_prefill, precision, memory_plan])
+        plans[hd] = ctx.facts.memory
+    assert plans[80].kv_bytes_per_token == plans[96].kv_bytes_per_token > 0
+    assert plans[80].rope_bytes_per_position == plans[96].rope_bytes_per_position
+    assert plans[80].weights["attention"] == plans[96].weights["attention"]
 
 
 # ============================================================================ shard
@@ -407,6 +542,17 @@ def test_shard_placements(target, mode):
         assert all(n.meta[PLACEMENT] == REPLICATED for n in nodes_of(gm, op)), op.__name__
 
 
+def _unsharded_run(mode, target, cfg):
+    """A fused 2-layer graph (batch 2 in decode, from random caches) and its unsharded
+    outputs: (ctx, built model, graph, state, logits, state after)."""
+    ctx = unit_ctx(mode, target, cfg, batch_size=2 if mode == "decode" else 1)
+    b, gm = fused_model(ctx, layers=2)
+    g = torch.Generator().manual_seed(1)
+    state = {n: 0.5 * torch.randn(s.shape, generator=g) for n, s in ctx.facts.state.items()} if ctx.decode else {}
+    before, before_state = run_real(gm, ctx.facts, b.sources, b.real_inputs, cfg, state)
+    return ctx, b, gm, state, before, before_state
+
+
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 @pytest.mark.parametrize("target,cfg", SHARD_CASES, ids=SHARD_IDS)
 def test_sharded_graph_run_chip_by_chip_equals_the_unsharded_graph(target, cfg, mode):
@@ -415,12 +561,7 @@ def test_sharded_graph_run_chip_by_chip_equals_the_unsharded_graph(target, cfg, 
     hold the unsharded caches' heads the head plan assigns it (decode starts from random
     caches, laid out per chip the same way); every node placed REPLICATED holds the same
     value on every chip."""
-    batch = 2 if mode == "decode" else 1
-    ctx = unit_ctx(mode, target, cfg, batch_size=batch)
-    b, gm = fused_model(ctx, layers=2)
-    g = torch.Generator().manual_seed(1)
-    state = {n: 0.5 * torch.randn(s.shape, generator=g) for n, s in ctx.facts.state.items()} if ctx.decode else {}
-    before, before_state = run_real(gm, ctx.facts, b.sources, b.real_inputs, cfg, state)
+    ctx, b, gm, state, before, before_state = _unsharded_run(mode, target, cfg)
 
     gm = step(shard, gm, ctx)
     plan = plan_heads(cfg.n_heads, cfg.n_kv_heads, ctx.target.tp_size)

@@ -28,7 +28,7 @@ def model(tiny_model):
 
 @pytest.fixture(scope="module")
 def artifact(model, compile_artifact):
-    return compile_artifact(model, optimizations="float32", max_seq_len=256)
+    return compile_artifact(model, optimizations="float32", max_seq_len=256, sampling="host")  # decode = logits
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def replay_all(python: Path, artifacts: dict[str, Path], *args: str) -> tuple[di
     return dict(zip(artifacts, results)), stderr
 
 
-def check_replayed(result: dict, stderr: str, target: str, functions=("prefill", "decode")) -> dict:
+def check_replayed(result: dict, stderr: str, target: str,
+                   functions=("prefill", "decode", "decode_logits")) -> dict:
     """Every op of every function (`functions`, all the program has) issued, on the mock
     cluster of `target`, without torch."""
     summary = result["summary"]

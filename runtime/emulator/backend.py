@@ -117,6 +117,7 @@ class EmulatorBackend:
         self.system = self._open_system(system)
         self.linear_weights = self._linear_weight_names(program)
         self.env: dict[str, list[torch.Tensor]] = {}
+        self.sampling_rngs = [np.random.default_rng(u) for u in range(32)]
         self._load_weights(weights_dir, weights)
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
@@ -173,6 +174,10 @@ class EmulatorBackend:
                 pieces = [matmul_operand(p, self.linear_weights[name]) for p in pieces]
             self.env[name] = pieces
 
+    def seed_sampling(self, seeds) -> None:
+        """Seed each user's sampling generator (ttnn.manual_seed per user on a device)."""
+        self.sampling_rngs[:] = [np.random.default_rng(int(s)) for s in seeds]
+
     def zero_state_rows(self, names, row: int) -> None:
         """Zero row `row` (a user) of the named state tensors on every chip (Llama 3.2
         Vision: the cross-attention caches of a user without an image)."""
@@ -201,6 +206,8 @@ class EmulatorBackend:
             if OPS[op.op].outputs == 0:
                 cache = tensor_name(op.args[0])
                 kwargs["cache_dtype"] = ("v", self.program.state[cache].dtype)
+            if op.op == "ttnn.sampling":  # the device's per-user random state
+                kwargs["rngs"] = ("v", self.sampling_rngs)
             dtypes = [fn.tensors[o].dtype for o in op.out]
             steps.append(_Step(op, IMPLS[op.op], collective, args, kwargs, list(op.out), dtypes))
         return steps

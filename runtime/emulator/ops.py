@@ -9,6 +9,7 @@ accumulation does; matmuls take the operand dtypes as stored.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -333,6 +334,34 @@ def pad(t, padding, value, memory_config=None):
 @impl("ttnn.repeat")
 def repeat(t, repetition_vector, memory_config=None):
     return t.repeat(*repetition_vector)
+
+
+# ---------------------------------------------------------------- sampling on the device
+@impl("ttnn.topk")
+def topk(t, k, dim=-1, largest=True, sorted=True, memory_config=None):
+    """The k largest along dim, in order; ties go to the lower index (a stable sort), as
+    the host's argmax breaks them."""
+    order = torch.sort(t.float(), dim=dim, descending=largest, stable=True).indices.narrow(dim, 0, k)
+    return [torch.gather(t, dim, order), order]
+
+
+@impl("ttnn.sampling")
+def sampling(values, indices, k=None, p=None, temp=None, seed=None, rngs=None):
+    """Per user (row): runtime.sampling.device_distribution over its candidates, with the
+    softmax in bfloat16 as the device packs it, and a draw on a 16-bit lattice from the
+    user's generator (rngs: the backend's per-user generators, seeded by seed_sampling)."""
+    from ..sampling import device_distribution
+
+    rows = values.shape[2]
+    out = torch.empty(1, 1, 1, rows, dtype=torch.int64)
+    for u in range(rows):
+        probs = device_distribution(values[0, 0, u].float().numpy(), int(k[u]), float(p[u]), float(temp[u]))
+        probs = torch.tensor(probs).to(torch.bfloat16).double().numpy()
+        cumulative = np.cumsum(probs / probs.sum())
+        threshold = rngs[u].integers(0, 1 << 16) / (1 << 16)
+        position = min(int(np.searchsorted(cumulative, threshold, side="right")), len(probs) - 1)
+        out[0, 0, 0, u] = int(indices[0, 0, u, position])
+    return out
 
 
 @impl("ttnn.experimental.nlp_concat_heads")

@@ -5,7 +5,7 @@ Importing this package does not import ttnn (nor torch); creating a TtnnBackend 
 """
 from .backend import TtnnBackend, TtnnBackendError, TtnnOpError, TtnnUnsupportedProgram
 from .mock import TtnnNotInstalled
-from . import vision_ops  # noqa: F401  (registers Llama 3.2 Vision's ops in TTNN_OPS)
+from . import sampling_ops, vision_ops  # noqa: F401  (register their ops in TTNN_OPS)
 from .ops import TTNN_OPS
 
 __all__ = ["TTNN_OPS", "TtnnBackend", "TtnnBackendError", "TtnnNotInstalled", "TtnnOpError",

@@ -8,8 +8,11 @@ its graph node, its source layer and ttnn's message.
 
 Nothing here imports torch: program, weights and inputs reach ttnn as numpy arrays
 (float32 host arrays that ttnn rounds to bfloat16 or packs to block floats itself).
-Weights are placed on the mesh once, at load; each function is prepared once into steps
-with resolved argument getters and the memory each output should be written to.
+Weights are placed on the mesh once, at load: the first load of a program on a system
+converts them on the host and writes ttnn's own tensor files of them, later loads read
+those (weight_files.py). Each function is prepared once into steps with resolved argument
+getters and the memory each output should be written to; `warm_up()` (validate.py) runs
+each once so that kernel compilation is not part of the first request.
 
 Decode runs a whole tile of users per chip (32): ttnn's decode ops work on tile rows of
 users (nlp_concat_heads_decode returns all 32), so the backend pads the per-call inputs
@@ -20,6 +23,8 @@ returns the program's users only.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,8 @@ from . import placement as placement_
 from .ops import (PER_USER, PRODUCES_SHARDED, TILE_ROW, TTNN_OPS, WANTS, WEIGHT_PLACEMENTS, OpCall,
                   convert_kwargs, describe_memory, dtype_of, layout_of, pad_tile, weight_variant)
 from .validate import Validation
+from .weight_files import EntryError, WeightFiles, converted_identity, entry_key
+from . import weight_files as weight_files_
 from .weights import read_weights
 
 TILE = 32
@@ -43,7 +50,9 @@ POSITION_KWARGS = ("cur_pos_tensor", "update_idxs_tensor")
 # per-call input source -> its users dim (decode pads it to a tile of users): tokens and
 # positions [1, B], page table [B, blocks], Llama 3.2 Vision's cross-attention rows
 # [1, 1, B, L] and row mask [1, 1, B, 1]
-USER_DIM = {"tokens": -1, "positions": -1, "page_table": 0, "xattn_mask": -2, "row_mask": -2}
+USER_DIM = {"tokens": -1, "positions": -1, "page_table": 0, "xattn_mask": -2, "row_mask": -2,
+            "sample_k": 0, "sample_p": 0, "sample_temp": 0}
+USER_PAD = {"sample_k": 1, "sample_p": 1.0, "sample_temp": 1.0}  # a padded user samples greedily (k = 0 is invalid)
 
 
 class TtnnBackendError(RuntimeError):
@@ -126,7 +135,9 @@ class TtnnBackend(Validation):
     name = "ttnn"
 
     def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, weight_files: bool = True):
+        """`weight_files`: read the weights from ttnn's tensor files of this program and
+        system when they exist, else convert on the host and write them (weight_files.py)."""
         check_supported(program)
         self.program = program
         self.mode = mock.configure(program.target, quiet=quiet)
@@ -149,7 +160,8 @@ class TtnnBackend(Validation):
         self._slotted = self._user_slotted_state()
         self.weight_source = "device" if weights_dir is None and weights is None else "host"
         self.weight_variants = self._weight_variants()
-        self._load_weights(weights_dir, weights)
+        self.weight_load: dict = {}  # where the weights came from, what it took (_load_weights)
+        self._load_weights(weights_dir, weights, weight_files)
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
 
@@ -266,19 +278,102 @@ class TtnnBackend(Validation):
         call = self._call(None)
         return call.height_sharded(call.user_grid(), (pad_tile(shape[-2]), pad_tile(shape[-1])))
 
-    def _load_weights(self, weights_dir: Path | None, weights: dict | None) -> None:
-        specs = self.program.weights
-        if weights is None and weights_dir is not None:
-            weights = read_weights(Path(weights_dir), set(specs))
-        for name, spec in specs.items():
-            if weights is not None and name not in weights:
-                raise TtnnBackendError(f"weight '{name}' is missing from the converted weights")
-            host = None if weights is None else np.asarray(weights[name])
-            if host is not None and list(host.shape) != list(spec["shape"]):
-                raise TtnnBackendError(f"weight '{name}' has shape {list(host.shape)}, "
-                                       f"the program expects {spec['shape']}")
+    def weight_tensors(self, name: str, spec: dict) -> list[dict]:
+        """The device tensors weight `name` is placed as: itself, and the copies some op
+        wants placed otherwise (PER_USER: once per decode user, height-sharded in L1;
+        TILE_ROW: a wide norm gamma as one TILE row). Each {"name", "kind", "shape" (global,
+        before the split over chips), "dtype", "layout", "placement"}."""
+        placement = spec.get("placement")
+        shape = list(spec["shape"])
+        out = [{"name": name, "kind": None, "shape": shape, "dtype": spec["dtype"], "layout": spec["layout"],
+                "placement": placement}]
+        if (name, PER_USER) in self.weight_variants:
+            out.append({"name": self.weight_variants[(name, PER_USER)], "kind": PER_USER,
+                        "shape": shape[:-2] + [shape[-2] * self.decode_users, shape[-1]],
+                        "dtype": spec["dtype"], "layout": spec["layout"], "placement": placement})
+        if (name, TILE_ROW) in self.weight_variants:
+            if (placement or {}).get("dim") is not None:
+                raise TtnnBackendError(f"weight '{name}': a split norm gamma has no TILE-row placement")
+            out.append({"name": self.weight_variants[(name, TILE_ROW)], "kind": TILE_ROW,
+                        "shape": [1, 1, 1, int(np.prod(shape))], "dtype": spec["dtype"], "layout": "TILE",
+                        "placement": None})
+        return out
+
+    def weight_files_entry(self, weights_dir: Path) -> WeightFiles:
+        """This program's weight-file entry on this mesh and ttnn, for the converted weights
+        in `weights_dir` (weight_files.py: keyed by all that changes the files' bytes)."""
+        tensors = [t for name, spec in sorted(self.program.weights.items()) for t in self.weight_tensors(name, spec)]
+        key = entry_key(self.program.weights, {"users": self.decode_users, "tensors": tensors},
+                        converted_identity(weights_dir), self.program.mesh_shape, weight_files_.ttnn_version())
+        return WeightFiles(Path(weights_dir), key)
+
+    def _load_weights(self, weights_dir: Path | None, weights: dict | None, use_files: bool = True) -> None:
+        """Place every weight: from the program's ttnn weight files when a complete entry
+        exists for this program, checkpoint, mesh and ttnn version; else converted on the
+        host from the converted-weight cache, writing the entry on the way."""
+        start = time.perf_counter()
+        self.weight_load = {"from": "device" if weights is None and weights_dir is None else
+                            "arrays" if weights is not None else "converted",
+                            "files": None, "conversions": 0, "files_read": 0, "files_written": 0}
+        self._reader = self._writer = None
+        replace = False
+        try:
+            if weights is None and weights_dir is not None and use_files:
+                files = self.weight_files_entry(Path(weights_dir))
+                self.weight_load["files"] = str(files.path)
+                if files.complete():
+                    try:
+                        self._reader = files.reader(self.ttnn)
+                        self._place_weights(None)
+                        self.weight_load.update({"from": "ttnn files", "files_read": self._reader.files_read})
+                        return
+                    except EntryError as e:
+                        print(f"ttnn backend: not using the ttnn weight files in {files.path}: {e}; "
+                              "converting the weights again", file=sys.stderr)
+                        for name, spec in self.program.weights.items():
+                            for t in self.weight_tensors(name, spec):
+                                self.env.pop(t["name"], None)
+                        replace = True
+                    finally:
+                        self._reader = None
+                self._writer = files.writer(self.ttnn)
+            if weights is None and weights_dir is not None:
+                weights = read_weights(Path(weights_dir), set(self.program.weights))
+            try:
+                self._place_weights(weights)
+            except BaseException:
+                if self._writer is not None:
+                    self._writer.abort()
+                raise
+            if self._writer is not None:
+                try:
+                    self._writer.commit(replace)
+                    self.weight_load.update({"from": "converted, ttnn files written",
+                                             "files_written": self._writer.files_written})
+                except OSError as e:
+                    self._writer.abort()
+                    print(f"ttnn backend: writing the ttnn weight files failed ({e}); the next load converts "
+                          "again", file=sys.stderr)
+        finally:
+            self._writer = None
+            self.weight_load["seconds"] = round(time.perf_counter() - start, 3)
+
+    def _place_weights(self, weights: dict | None) -> None:
+        """Every weight on the device: from `weights` (name -> host array), from the entry
+        being read (self._reader), or allocated (weight-free: neither)."""
+        for name, spec in self.program.weights.items():
+            host = None
+            if self._reader is None and weights is not None:
+                if name not in weights:
+                    raise TtnnBackendError(f"weight '{name}' is missing from the converted weights")
+                host = np.asarray(weights[name])
+                if list(host.shape) != list(spec["shape"]):
+                    raise TtnnBackendError(f"weight '{name}' has shape {list(host.shape)}, "
+                                           f"the program expects {spec['shape']}")
             try:
                 self._place_weight(name, spec, host)
+            except (EntryError, TtnnBackendError):
+                raise
             except Exception as e:  # noqa: BLE001 (ttnn's errors are RuntimeErrors)
                 raise TtnnBackendError(
                     f"placing weight '{name}' ({spec['shape']} {spec['dtype']} {spec['layout']}, "
@@ -286,27 +381,50 @@ class TtnnBackend(Validation):
                     f"  {ttnn_message(e)}") from None
 
     def _place_weight(self, name: str, spec: dict, host: np.ndarray | None) -> None:
-        placement = spec.get("placement")
-        if host is None:  # weight-free: shapes and dtypes only, contents undefined
-            self.env[name] = self.allocate(self.local_shape(spec["shape"], placement),
-                                           spec["dtype"], spec["layout"], zero=False)
+        """Weight `name` and its variants on the device: read from the entry being read,
+        converted from `host`, or (neither: weight-free) allocated, contents undefined."""
+        local = self.local_shape(spec["shape"], spec.get("placement"))
+        for t in self.weight_tensors(name, spec):
+            shape = self.local_shape(t["shape"], t["placement"])
+            memory = self._per_user_memory(local) if t["kind"] == PER_USER else None
+            if self._reader is None and host is None:
+                self.env[t["name"]] = self.allocate(shape, t["dtype"], t["layout"], memory, zero=False)
+            else:
+                self.env[t["name"]] = self._weight_tensor(t, host, shape, memory)
+
+    def _weight_tensor(self, t: dict, host: np.ndarray | None, shape: list[int], memory):
+        """One device tensor of a weight (`t`, from weight_tensors; `shape` one chip's):
+        read from its ttnn file, or converted on the host (tilized, block-float packed,
+        split over the chips) from the weight's `host` array and saved to the entry being
+        written. Either way copied to DRAM, then moved to `memory` when given. (Given a
+        device, ttnn 0.81.1 tilizes bfloat16 on the device with a grid taken from the mesh
+        (8x8), which fails on chips with two harvested rows, and it cannot build a sharded
+        tensor from a host array in one step: hence host conversion, then a copy.)"""
+        ttnn = self.ttnn
+        if self._reader is not None:
+            tensor = self._reader.load(t["name"], self.mesh,
+                                       {"shape": list(shape), "dtype": t["dtype"], "layout": t["layout"]})
         else:
-            self.env[name] = self.to_device(host, spec["dtype"], spec["layout"], placement=placement)
-        if (name, PER_USER) in self.weight_variants:
-            shape = self.local_shape(spec["shape"], placement)
-            users_shape = shape[:-2] + [shape[-2] * self.decode_users, shape[-1]]
-            memory = self._per_user_memory(shape)
-            self.env[self.weight_variants[(name, PER_USER)]] = (
-                self.allocate(users_shape, spec["dtype"], spec["layout"], memory, zero=False) if host is None else
-                self.to_device(np.tile(np.asarray(host, np.float32), [1] * (len(shape) - 2) + [self.decode_users, 1]),
-                               spec["dtype"], spec["layout"], memory, placement))
-        if (name, TILE_ROW) in self.weight_variants:
-            if (placement or {}).get("dim") is not None:
-                raise TtnnBackendError(f"weight '{name}': a split norm gamma has no TILE-row placement")
-            row = [1, 1, 1, int(np.prod(spec["shape"]))]  # the row-major values in their order
-            self.env[self.weight_variants[(name, TILE_ROW)]] = (
-                self.allocate(row, spec["dtype"], "TILE", zero=False) if host is None else
-                self.to_device(np.asarray(host, np.float32).reshape(row), spec["dtype"], "TILE"))
+            array = np.asarray(host, np.float32) if t["kind"] else host
+            if t["kind"] == PER_USER:
+                array = np.tile(array, [1] * (array.ndim - 2) + [self.decode_users, 1])
+            elif t["kind"] == TILE_ROW:
+                array = array.reshape(t["shape"])
+            converted = placement_.host_tensor(ttnn, array, t["dtype"], t["layout"], t["placement"],
+                                               self.program.mesh_shape)
+            self.weight_load["conversions"] += 1
+            if self._writer is not None:
+                try:
+                    self._writer.save(t["name"], converted, t["placement"])
+                except Exception as e:  # noqa: BLE001 (a full disk: OSError, or ttnn's RuntimeError)
+                    self._writer.abort()  # the load goes on converting and writes no entry
+                    self._writer = None
+                    print(f"ttnn backend: writing the ttnn weight files failed ({ttnn_message(e)}); the weights "
+                          "are converted on the host", file=sys.stderr)
+            tensor = ttnn.to_device(converted, self.mesh, ttnn.DRAM_MEMORY_CONFIG)
+        if memory is not None and memory != ttnn.DRAM_MEMORY_CONFIG:
+            tensor = ttnn.to_memory_config(tensor, memory)
+        return tensor
 
     def _user_slotted_state(self) -> set[str]:
         """Non-paged caches: state that decode's cache update indexes by user (dim 0), or
@@ -329,6 +447,16 @@ class TtnnBackend(Validation):
         if name in self._slotted:
             shape[0] = pad_tile(shape[0])
         return shape
+
+    def seed_sampling(self, seeds) -> None:
+        """Seed the sampling generator of each decode user's core (ttnn.manual_seed), once per
+        batch of requests, as the reference does (a seed passed to ttnn.sampling itself would
+        re-seed every step)."""
+        ttnn = self.ttnn
+        users = self.decode_users
+        seeds = [int(s) for s in seeds][:users] + [0] * max(0, users - len(seeds))
+        ttnn.manual_seed(self.to_device(np.array(seeds, dtype=np.uint32), "uint32", "ROW_MAJOR"),
+                         user_ids=self.to_device(np.arange(users, dtype=np.uint32), "uint32", "ROW_MAJOR"))
 
     def zero_state_rows(self, names, row: int) -> None:
         """Zero row `row` (a user) of the named state tensors on every chip (Llama 3.2
@@ -412,7 +540,8 @@ class TtnnBackend(Validation):
             if seq is None and user_dim is not None and shape[user_dim] < self.decode_users:
                 pad = [(0, 0)] * len(shape)  # decode: a whole tile of users
                 pad[user_dim] = (0, self.decode_users - shape[user_dim])
-                array = np.pad(array, pad, constant_values=INACTIVE if spec.name in position_tensors else 0)
+                array = np.pad(array, pad, constant_values=INACTIVE if spec.name in position_tensors
+                               else USER_PAD.get(spec.source, 0))
             env[spec.name] = self.to_device(array, spec.dtype, spec.layout)
 
     @staticmethod

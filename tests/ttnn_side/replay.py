@@ -45,7 +45,7 @@ def replay_one(out: Path, no_weights: bool, prefill_rows: int, chunk_start: int 
         if no_weights or program.options.get("no_weights"):
             backend = TtnnBackend.from_program(program)
         else:
-            backend = runtime.load(out, backend="ttnn").backend
+            backend = runtime.load(out, backend="ttnn", warmup=False).backend  # validate() runs every function
         summary = backend.validate(prefill_rows, chunk_start=chunk_start)
         if zero_rows:  # the caches runtime/image_slots.py clears for a user without an image
             names = [name for name in program.state if name.startswith("cross_attention_layers.")]
