@@ -41,4 +41,5 @@ def propagate(gm: torch.fx.GraphModule, facts: GraphFacts, inputs: dict[str, obj
                 args.append(SCALAR_EXAMPLES[node.target])
             else:  # an optional input this model does not use (e.g. xattn_mask): its default
                 args.append(node.args[0] if node.args else None)
-    _MetaInterpreter(gm, facts, mesh_shape).run(*args)
+    with torch.no_grad():  # shapes only: no autograd graph
+        _MetaInterpreter(gm, facts, mesh_shape).run(*args)

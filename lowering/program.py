@@ -77,13 +77,20 @@ class Program:
     memory_plan: dict = field(default_factory=dict)
     # passes/precision.py's choice: {"mode", "policy": {field: dtype or fidelity}, "rules": [why]}
     precision: dict = field(default_factory=dict)
+    # Data parallel (compiler/data_parallel.py): {"count", "system", "system_mesh_shape",
+    # "submesh_shape" (carved from the system's mesh), "mesh_shape" (the replica's, as
+    # `mesh_shape`), "batch_size" (each replica's users)}; empty for a single program.
+    replicas: dict = field(default_factory=dict)
 
     # -------------------------------------------------------------- (de)serialisation
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1, sort_keys=False)
+        """program.json's text: compact (json's C encoder; indenting a 70B program's ~6 MB
+        takes a second in the pure-Python one): `python -m json.tool` pretty-prints it,
+        `ttcompile --emit python` prints it as ttnn calls. Same content as to_json()."""
+        return json.dumps(self, default=vars)
 
     @classmethod
     def from_json(cls, data: dict) -> "Program":
@@ -106,7 +113,18 @@ class Program:
             functions=functions, format_version=data["format_version"],
             memory_plan=data.get("memory_plan") or {},
             precision=data.get("precision") or {},
+            replicas=data.get("replicas") or {},
         )
+
+    def replica_program(self) -> "Program":
+        """The program one data-parallel replica runs: these functions with the options of
+        a single program on the replica's sub-mesh (its target, its batch). Itself when
+        the program is not replicated."""
+        if not self.replicas:
+            return self
+        options = {**self.options, "target": self.target, "batch_size": self.replicas["batch_size"],
+                   "data_parallel": 1}
+        return dataclasses.replace(self, options=options, replicas={})
 
     @classmethod
     def loads(cls, text: str) -> "Program":

@@ -89,7 +89,9 @@ class Transformer(nn.Module):
         decode = mode == "decode"
         self.decode = decode
         extra_rows = multimodal.IMAGE_TOKEN_ROWS if cfg.vision else 0
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size + extra_rows, cfg.dim)
+        # _weight skips the random init (on the meta device it would import torch._dynamo)
+        rows = cfg.vocab_size + extra_rows
+        self.tok_embeddings = nn.Embedding(rows, cfg.dim, _weight=torch.empty(rows, cfg.dim))
         self.layers = nn.ModuleList(
             TransformerBlock(cfg, max_batch, max_seq_len, decode) for _ in range(cfg.n_layers)
         )
@@ -106,7 +108,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = cos_sin_tables(cfg, max_seq_len)
+        if torch.empty(0).is_meta:  # traced for shapes: the tables' values are a weight recipe
+            cos = sin = torch.empty(max_seq_len, cfg.head_dim)
+        else:
+            cos, sin = cos_sin_tables(cfg, max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
