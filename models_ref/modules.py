@@ -109,7 +109,8 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if torch.empty(0).is_meta:  # traced for shapes: the tables' values are a weight recipe
-            cos = sin = torch.empty(max_seq_len, cfg.head_dim)
+            # two tensors: one object registered twice would be deduplicated as one buffer
+            cos, sin = torch.empty(max_seq_len, cfg.head_dim), torch.empty(max_seq_len, cfg.head_dim)
         else:
             cos, sin = cos_sin_tables(cfg, max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
