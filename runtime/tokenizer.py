@@ -228,6 +228,12 @@ class Tokenizer:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
         content = [{"type": "image"}, {"type": "text", "text": prompt}] if image else prompt
         messages.append({"role": "user", "content": content})
+        return self.encode_chat(messages)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Ids of a conversation (`messages` as chat templates take them: role and content)
+        ending in an open assistant turn: the model's chat template, rendered as
+        transformers renders it, or Meta's Llama-3 chat format for a Meta tokenizer."""
         if self._template is None:
             if self._tt is None:
                 raise ValueError("this tokenizer has no chat template")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11, CPU torch, the compiler, the emulator, the test tools).
+# Create .venv (Python 3.11, CPU torch, the compiler, the emulator, the server, the test tools).
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +26,9 @@ fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-if ! .venv/bin/python -c 'import compiler, transformers, gguf, pytest' 2>/dev/null \
+if ! .venv/bin/python -c 'import compiler, transformers, gguf, pytest, fastapi, uvicorn, prometheus_client, openai' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.ttcompile-installed ]; then
-  .venv/bin/python -m pip install -q -e ".[compiler,test]"
+  .venv/bin/python -m pip install -q -e ".[compiler,test,serve]"
   touch .venv/.ttcompile-installed
 fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
