@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help=f"one of {', '.join(TARGETS)} (default N150, or $FAKE_DEVICE)")
     p.add_argument("-o", "--output", help="artifact folder (default build/<model>-<target>-<optimizations>)")
     p.add_argument("--optimizations", choices=OPTIMIZATIONS, default="performance")
-    p.add_argument("--batch-size", type=int, default=1, help=f"users per decode batch: {BATCH_SIZES}")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help=f"users per decode batch: {BATCH_SIZES} (with --data-parallel N: N times one of them)")
     p.add_argument("--max-seq-len", type=int,
                    help="longest prompt + generation per user (default: the model's maximum, "
                         "capped to what fits on the target)")
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device: decode ends in top-k/top-p sampling on the device, one token id per user leaves "
                         "it; host: decode returns logits (every program also has a logits variant of decode "
                         "for teacher forcing)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="N replicas of the program on equal sub-meshes of the target (T3K: 4 N300s or 8 N150s; "
+                        "TG: 4 T3Ks, 16 N300s or 32 N150s), --batch-size users split over them")
     p.add_argument("--no-weights", action="store_true", help="compile from the config alone")
     p.add_argument("--cache", help="converted-weight cache root (default $TT_CACHE_PATH or ~/.cache/ttcompile)")
     p.add_argument("--print-after", action="append", default=[], metavar="PASS")
@@ -66,6 +70,7 @@ def options_from_args(args, environ=os.environ) -> CompileOptions:
         max_prefill_chunk=args.max_prefill_chunk, block_size=args.block_size,
         paged_attention=not args.no_paged_attention,
         max_num_blocks=args.max_num_blocks, no_weights=args.no_weights, sampling=args.sampling,
+        data_parallel=args.data_parallel,
         **({"cache_dir": Path(args.cache)} if args.cache else {}))
     return apply_env(options, environ, explicit)
 
@@ -92,8 +97,9 @@ def _run(args) -> int:
     if args.emit == "python":
         from lowering.emit_python import emit_program
         print(emit_program(result.program))
+    replicas = f"-dp{options.data_parallel}" if options.data_parallel > 1 else ""
     out = Path(args.output) if args.output else Path("build") / (
-        f"{model_dir.resolve().name}-{result.target.name}-{options.optimizations}")
+        f"{model_dir.resolve().name}-{result.target.name}{replicas}-{options.optimizations}")
     weights_dir, fingerprint = None, None
     if result.reader is not None:
         progress = None
@@ -108,7 +114,8 @@ def _run(args) -> int:
         (Path(args.dump) / "program.json").write_text(result.program.dumps())
     artifact.write_artifact(result, out, model_dir, weights_dir, fingerprint)
     n_ops = {k: len(f.ops) for k, f in result.program.functions.items()}
-    print(f"wrote {out} ({result.target.name}, {options.optimizations}, "
+    on = result.target.name + (f" as {options.data_parallel} x {result.program.target}" if replicas else "")
+    print(f"wrote {out} ({on}, {options.optimizations}, "
           f"{n_ops['prefill']} prefill ops, {n_ops['decode']} decode ops)")
     return 0
 

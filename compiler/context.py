@@ -29,6 +29,11 @@ class PassContext:
     # their peak activations: the memory plan counts them (Llama 3.2 Vision's tower).
     resident: dict = field(default_factory=dict)
     other_activation_bytes: int = 0
+    # Set by the driver: every decoder layer's precision (passes/precision.PrecisionPlan)
+    # and which traced layer each decoder layer is stamped from (lowering/stamp.LayerPlan).
+    # None: the mode's policy alone, and a graph of all layers or of alike ones.
+    precision_plan: object | None = None
+    layer_plan: object | None = None
 
     @property
     def decode(self) -> bool:

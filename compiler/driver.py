@@ -14,6 +14,7 @@ from models_ref.config import ModelConfig, load_config
 from models_ref.weights import CheckpointReader, open_checkpoint
 from compiler.memory import MemoryPlan
 
+from .data_parallel import replica_layout
 from .errors import CompileError, InternalCompilerError, node_in_traceback
 from .options import CompileOptions
 from .pipeline import Observer, run_pipeline
@@ -27,7 +28,7 @@ MODES = ("prefill", "decode")
 class CompileResult:
     program: Program
     cfg: ModelConfig
-    target: Target
+    target: Target  # the system (with --data-parallel: the program runs on sub-meshes of it)
     reader: CheckpointReader | None
     printed: list[str] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
@@ -84,7 +85,28 @@ def compile_model(model_dir: str | Path, options: CompileOptions,
                   observer: Observer | None = None, full_trace: bool = False) -> CompileResult:
     """Compile a model directory. Decoder layers are traced and compiled once (layers 0
     and 1) and stamped for the rest (lowering/stamp.py); `full_trace` traces every layer
-    instead, with the same result (for inspection and for the test that proves it)."""
+    instead, with the same result (for inspection and for the test that proves it).
+    With --data-parallel N the program is one replica's, compiled for the sub-mesh target
+    with its share of the users, and records where the N replicas go (compiler/data_parallel.py)."""
+    layout = replica_layout(options)
+    if layout is None:
+        return _compile_program(model_dir, options, observer, full_trace)
+    try:
+        result = _compile_program(model_dir, layout.replica_options(options), observer, full_trace)
+    except CompileError as e:
+        raise CompileError(f"{layout.describe()}: {e}") from None
+    program = result.program
+    program.options = {**program.options, "target": options.target, "batch_size": options.batch_size,
+                       "data_parallel": options.data_parallel}
+    program.replicas = layout.to_json(options.batch_size // layout.count)
+    result.plan.replicas, result.plan.system = layout.count, layout.system.name
+    program.memory_plan = result.plan.to_json()
+    result.target = layout.system
+    return result
+
+
+def _compile_program(model_dir: str | Path, options: CompileOptions, observer: Observer | None,
+                     full_trace: bool) -> CompileResult:
     target = get_target(options.target)
     if not target.supported:
         raise CompileError(f"target {target.name} is not yet supported")

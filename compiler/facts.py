@@ -24,8 +24,13 @@ FIDELITIES = ("LoFi", "HiFi2", "HiFi3", "HiFi4")
 
 @dataclass(frozen=True)
 class Precision:
+    """A node's output dtype and its kernel settings: math fidelity, fp32 accumulation in
+    the Dst register, packer L1 accumulation (ttnn's WormholeComputeKernelConfig)."""
+
     dtype: str = "bfloat16"
     fidelity: str = "HiFi4"
+    fp32_acc: bool = True
+    packer_l1_acc: bool = True
 
     def __post_init__(self):
         if self.dtype not in DEVICE_DTYPES or self.fidelity not in FIDELITIES:

@@ -80,6 +80,8 @@ class MemoryPlan:
     refusal: str | None = None
     notes: list[str] = field(default_factory=list)
     dram_bandwidth_gbs: float = 0.0
+    replicas: int = 1  # data parallel: the plan is one replica's, on a sub-mesh of `system`
+    system: str = ""
 
     # ------------------------------------------------------------ arithmetic
     def activation_bytes(self, rows: int) -> int:

@@ -25,13 +25,18 @@ class CompileOptions:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "ttcompile")
     pad_mlp_cores: int | None = None
     sampling: str = "device"  # decode ends in sampling on the device (token ids leave it), or logits go to the host
+    # Replicas of the program on equal sub-meshes of the target (compiler/data_parallel.py);
+    # batch_size counts the users of all of them, batch_size / data_parallel each.
+    data_parallel: int = 1
 
     def __post_init__(self):
         if self.optimizations not in OPTIMIZATIONS:
             raise ValueError(
                 f"unknown optimizations '{self.optimizations}' (choose {', '.join(OPTIMIZATIONS)})"
             )
-        if self.batch_size not in BATCH_SIZES:
+        if self.data_parallel < 1:
+            raise ValueError(f"--data-parallel {self.data_parallel} must be at least 1")
+        if self.data_parallel == 1 and self.batch_size not in BATCH_SIZES:  # else data_parallel.replica_layout
             raise ValueError(
                 f"batch size {self.batch_size} is not supported (choose one of {BATCH_SIZES})"
             )

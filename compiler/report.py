@@ -72,11 +72,20 @@ def format_decode_output(program) -> str:
     return _row("decode output to host", f"{per_user:,.0f} B", f"per user per step ({what})")
 
 
+def format_replicas(plan: MemoryPlan) -> str:
+    """The header's data-parallel part: the plan (and every estimate) is one replica's."""
+    if plan.replicas <= 1:
+        return ""
+    return (f" x {plan.replicas} replicas on {plan.system} ({plan.replicas * plan.batch} users; the plan and the "
+            f"estimates below are per replica, total tokens/s x {plan.replicas})")
+
+
 def format_report(plan: MemoryPlan, model: str, optimizations: str, precision: dict | None = None,
                   program=None) -> str:
     cats = plan.by_category()
     lines = [f"memory plan: {model} on {plan.target} ({plan.chips} chip{'s' if plan.chips > 1 else ''}, "
-             f"{plan.dram_bytes / GB:.0f} GB DRAM per chip), {optimizations}, batch {plan.batch}",
+             f"{plan.dram_bytes / GB:.0f} GB DRAM per chip), {optimizations}, batch {plan.batch}"
+             + format_replicas(plan),
              _row("per chip", "bytes", "")]
     notes = {
         "rope_tables": f"cos + sin rows for {plan.context} positions",

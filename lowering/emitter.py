@@ -17,8 +17,13 @@ TILE = 32
 TRANS_MAT = "rope_trans_mat"
 
 
-def compute_config(fidelity: str, fp32_acc: bool = True) -> dict:
-    return {"math_fidelity": fidelity, "fp32_dest_acc_en": fp32_acc, "packer_l1_acc": True}
+def compute_config(fidelity: str, fp32_acc: bool = True, packer_l1_acc: bool = True) -> dict:
+    return {"math_fidelity": fidelity, "fp32_dest_acc_en": fp32_acc, "packer_l1_acc": packer_l1_acc}
+
+
+def kernel_config(precision) -> dict:
+    """The compute_kernel_config of a node's PRECISION fact (passes/precision.py)."""
+    return compute_config(precision.fidelity, precision.fp32_acc, precision.packer_l1_acc)
 
 
 @dataclass

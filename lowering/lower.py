@@ -19,7 +19,7 @@ from compiler.trace import ALT_SEQ_ROWS
 from models_ref import ops as ref
 from models_ref.names import LOOKUP_TABLES, NORMS, Role
 
-from .emitter import TILE, TRANS_MAT, Lowering, compute_config
+from .emitter import TILE, TRANS_MAT, Lowering, compute_config, kernel_config
 from .program import SEQ, Function, InputSpec, TensorSpec
 from .vision_rules import VISION_RULES
 
@@ -51,7 +51,7 @@ def _rope_rows(lw: Lowering, node):
 def _rms_norm(lw: Lowering, node):
     x, weight, eps = node.args
     kwargs = {"epsilon": eps, "weight": lw.ref(weight),
-              "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)}
+              "compute_kernel_config": kernel_config(node.meta[PRECISION])}
     if not (lw.ctx.decode and lw.ctx.facts.weights[weight.target].role in (Role.Q_NORM, Role.K_NORM)):
         lw.result(node, "ttnn.rms_norm", [lw.ref(x)], kwargs)
         return
@@ -69,7 +69,7 @@ def _linear(lw: Lowering, node):
     bias = node.args[2] if len(node.args) > 2 else None
     lw.result(node, "ttnn.linear", [lw.ref(x), lw.ref(weight)], {
         "bias": lw.ref(bias) if bias is not None else None, "dtype": lw.dtype_of(node),
-        "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)})
+        "compute_kernel_config": kernel_config(node.meta[PRECISION])})
 
 
 def _qkv_heads(lw: Lowering, node):
@@ -144,7 +144,7 @@ def _attention_kwargs(node, scale, window=None) -> dict:
     sliding_window_size counts the positions a query sees, itself included, as
     models_ref.ops.visible does."""
     return {"scale": scale, "sliding_window_size": window,
-            "compute_kernel_config": compute_config(node.meta[PRECISION].fidelity)}
+            "compute_kernel_config": kernel_config(node.meta[PRECISION])}
 
 
 def _chunked_attention(lw: Lowering, node):
@@ -200,7 +200,7 @@ def _silu(lw: Lowering, node):
 
 def _gated_mlp(lw: Lowering, node):
     x, w1, w3 = node.args
-    config = compute_config(node.meta[PRECISION].fidelity)
+    config = kernel_config(node.meta[PRECISION])
     gate, up = (lw.tensor(lw.out_name(node, s), lw.shape_of(node), lw.dtype_of(node), node)
                 for s in ("_w1", "_w3"))
     for w, out in ((w1, gate), (w3, up)):

@@ -19,14 +19,24 @@ program.json byte for byte).
 
     ops:  embed .. | l0.* (layer 0) | l1.* (layer 1)          | last_tile .. reads %l1.add_1
      ==>  embed .. | l0.* | l1.* | l2.* .. l{N-1}.* (from l1) | last_tile .. reads %l{N-1}.add_1
+
+Layers that differ (a precision file gives some of them other dtypes or fidelities) are
+stamped per class: a `LayerPlan` traces layer 0 and one layer per class of the others, in
+order of first appearance, and every layer i >= 1 is copied from its class's traced layer
+j (l{j}.* -> l{i}.*, l{j-1}.* -> l{i-1}.*). Uniform layers give the plan above (traced
+layers 0 and 1); when classes save nothing over tracing every layer, every layer is traced.
+
+    classes  A A B A B C  ==>  trace 0:A 1:A 2:B 3:C;  layers 1, 3 from 1; 2, 4 from 2; 5 from 3
 """
 from __future__ import annotations
 
 import copy
 import re
 from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
-from .program import Function, Op, TensorSpec
+from .program import Function, Op, TensorSpec, tensor_refs
 
 TRACED_LAYERS = 2
 _NUMBER = re.compile(r"_\d+$")
@@ -98,16 +108,66 @@ def _recipe(value, src: int, dst: int):
     return value
 
 
-def _blocks(fn: Function) -> tuple[list[Op], list[Op], list[Op], list[Op]]:
-    """(ops before layer 0, layer 0, layer 1, ops after layer 1); each layer contiguous."""
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which traced layer each decoder layer is compiled from: `source[i]` is the index, in
+    the traced graph, of the layer decoder layer i copies (source[0] == 0)."""
+
+    source: tuple[int, ...]
+
+    @classmethod
+    def of(cls, classes: Sequence[Hashable], stamp: bool = True) -> "LayerPlan":
+        """The plan for layers whose classes (anything comparable: their precision) are
+        `classes`: layer 0 traced as itself, one traced layer per class of the others;
+        every layer traced when `stamp` is False or classes would save nothing."""
+        n = len(classes)
+        order = list(dict.fromkeys(classes[1:]))
+        if stamp and n > TRACED_LAYERS and 1 + len(order) < n:
+            return cls((0,) + tuple(1 + order.index(c) for c in classes[1:]))
+        return cls(tuple(range(n)))
+
+    @classmethod
+    def uniform(cls, n_layers: int) -> "LayerPlan":
+        return cls.of([0] * n_layers)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.source)
+
+    @property
+    def traced(self) -> int:
+        """How many layers the traced graph holds."""
+        return max(self.source) + 1
+
+    @property
+    def stamped(self) -> bool:
+        return self.traced < self.n_layers
+
+    def count(self, traced_layer: int) -> int:
+        """How many decoder layers are copies of a traced layer (the memory plan's weight)."""
+        return self.source.count(traced_layer)
+
+    def stands_for(self, traced_layer: int) -> int:
+        """The first decoder layer copied from a traced layer (whose settings it has)."""
+        return self.source.index(traced_layer)
+
+    def to_json(self) -> list[int]:
+        return list(self.source)
+
+
+def _blocks(fn: Function) -> tuple[list[Op], dict[int, list[Op]], list[Op]]:
+    """(ops before layer 0, each traced layer's ops, ops after the last); layers contiguous
+    and in order."""
     layers = [op.layer for op in fn.ops]
-    first0, first1 = layers.index(0), layers.index(1)
-    end1 = len(layers) - layers[::-1].index(1)
-    pre, l0, l1, post = fn.ops[:first0], fn.ops[first0:first1], fn.ops[first1:end1], fn.ops[end1:]
-    if any(op.layer is not None for op in pre + post) or any(op.layer != 0 for op in l0) \
-            or any(op.layer != 1 for op in l1):
+    inner = [layer for layer in layers if layer is not None]
+    first, end = layers.index(inner[0]), len(layers) - layers[::-1].index(inner[-1])
+    body = layers[first:end]
+    if None in body or body != sorted(body) or sorted(set(body)) != list(range(len(set(body)))):
         raise AssertionError(f"{fn.name}: decoder layers are not contiguous; cannot stamp")
-    return pre, l0, l1, post
+    by_layer: dict[int, list[Op]] = {}
+    for op in fn.ops[first:end]:
+        by_layer.setdefault(op.layer, []).append(op)
+    return fn.ops[:first], by_layer, fn.ops[end:]
 
 
 def _layer_renamer(src: int, dst: int, carried_from: int | None = None):
@@ -119,52 +179,74 @@ def _layer_renamer(src: int, dst: int, carried_from: int | None = None):
             return f"l{dst}." + name[m.end():]
         if m and carried_from is not None and int(m.group(1)) == carried_from:
             return f"l{dst - 1}." + name[m.end():]
+        if m:
+            raise AssertionError(f"layer {src} reads l{m.group(1)}.*; cannot stamp")
         return _layer_name(name, src, dst)
     return rename
 
 
-def stamp_function(fn: Function, n_layers: int) -> Function:
-    """`fn` lowered from a TRACED_LAYERS-layer model, with layers 2..n_layers-1 added."""
-    pre, l0, l1, post = _blocks(fn)
-    ops, tensors = pre + l0 + l1, dict(fn.tensors)
-    l1_tensors = [name for op in l1 for name in op.out]
-    for i in range(TRACED_LAYERS, n_layers):
-        rename = _layer_renamer(1, i, carried_from=0)
-        for op in l1:
+def _check_refs(ops: list[Op], tensors: dict, fn: Function) -> None:
+    """Every layer tensor a stamped op reads exists: classes of layers must differ in
+    settings only, never in the tensors they hand on."""
+    for op in ops:
+        for ref in tensor_refs(op):
+            if _LAYER_PREFIX.match(ref) and ref not in tensors:
+                raise AssertionError(f"{fn.name}: stamped op {op.node} reads {ref}, which no layer "
+                                     "writes (layer classes differ in structure); cannot stamp")
+
+
+def stamp_function(fn: Function, plan: LayerPlan | int) -> Function:
+    """`fn` lowered from the traced layers of `plan` (or, given a layer count, from
+    TRACED_LAYERS alike layers), with every decoder layer written from its traced one."""
+    plan = LayerPlan.uniform(plan) if isinstance(plan, int) else plan
+    pre, layers, post = _blocks(fn)
+    if len(layers) != plan.traced:
+        raise AssertionError(f"{fn.name}: {len(layers)} traced layers, the plan has {plan.traced}")
+    ops = pre + layers[0]
+    tensors = {name: spec for name, spec in fn.tensors.items() if spec.layer in (None, 0)}
+    for i in range(1, plan.n_layers):
+        j = plan.source[i]
+        rename = _layer_renamer(j, i, carried_from=j - 1)
+        for op in layers[j]:
             ops.append(Op(op.op, _rename_refs(op.args, rename), _rename_refs(op.kwargs, rename),
                           [rename(n) for n in op.out], rename(op.node), i))
-        for name in l1_tensors:
-            spec = copy.copy(tensors[name])
-            spec.layer = i
-            tensors[rename(name)] = spec
-    last = _layer_renamer(1, n_layers - 1)
+            for name in op.out:
+                spec = copy.copy(fn.tensors[name])
+                spec.layer = i
+                tensors[rename(name)] = spec
+    last = _layer_renamer(plan.traced - 1, plan.n_layers - 1)
     for op in post:
         ops.append(Op(op.op, _rename_refs(op.args, last), _rename_refs(op.kwargs, last),
                       list(op.out), op.node, op.layer))
+    _check_refs(ops, tensors, fn)
     stamped = Function(fn.name, fn.inputs, fn.scalars, [last(n) for n in fn.outputs], ops, tensors)
     stamped.tensors = _rebuild_tensors(stamped, tensors)
     return stamped
 
 
-def stamp_weights(weights: dict[str, dict], n_layers: int) -> dict[str, dict]:
-    """The weight table (name -> WeightSpec JSON) with layer 1's entries copied to 2..n-1."""
-    out = dict(weights)
-    for name, spec in weights.items():
-        if spec.get("layer") == 1:
-            for i in range(TRACED_LAYERS, n_layers):
-                copied = {**spec, "recipe": _recipe(spec["recipe"], 1, i), "layer": i}
-                out[_layer_name(name, 1, i)] = copied
+def stamp_weights(weights: dict[str, dict], plan: LayerPlan | int) -> dict[str, dict]:
+    """The weight table (name -> WeightSpec JSON) with every layer's entries copied from its
+    traced layer (names and recipes renamed)."""
+    plan = LayerPlan.uniform(plan) if isinstance(plan, int) else plan
+    out = {name: spec for name, spec in weights.items() if spec.get("layer") in (None, 0)}
+    for i in range(1, plan.n_layers):
+        j = plan.source[i]
+        for name, spec in weights.items():
+            if spec.get("layer") == j:
+                out[_layer_name(name, j, i)] = {**spec, "recipe": _recipe(spec["recipe"], j, i), "layer": i}
     return out
 
 
-def stamp_state(state: dict[str, TensorSpec], n_layers: int) -> dict[str, TensorSpec]:
-    out = dict(state)
-    for name, spec in state.items():
-        if spec.layer == 1:
-            for i in range(TRACED_LAYERS, n_layers):
+def stamp_state(state: dict[str, TensorSpec], plan: LayerPlan | int) -> dict[str, TensorSpec]:
+    plan = LayerPlan.uniform(plan) if isinstance(plan, int) else plan
+    out = {name: spec for name, spec in state.items() if spec.layer in (None, 0)}
+    for i in range(1, plan.n_layers):
+        j = plan.source[i]
+        for name, spec in state.items():
+            if spec.layer == j:
                 copied = copy.copy(spec)
                 copied.layer = i
-                out[_layer_name(name, 1, i)] = copied
+                out[_layer_name(name, j, i)] = copied
     return out
 
 

@@ -73,12 +73,21 @@ def _layers_in_graph(ctx) -> set[int]:
     return {s.layer for s in ctx.facts.weights.values() if s.layer is not None}
 
 
+def _layer_count(ctx, layer: int, layers: set[int]) -> Fraction:
+    """How many decoder layers a layer of the graph stands for: its copies in the driver's
+    ctx.layer_plan (layers stamped per class), else an equal share of the model's."""
+    plan = getattr(ctx, "layer_plan", None)
+    if plan is not None and plan.traced == len(layers):
+        return Fraction(plan.count(layer))
+    return Fraction(ctx.cfg.n_layers, len(layers))
+
+
 def _account_weights(plan: MemoryPlan, ctx) -> None:
     """Weights of this graph and those of the program's other functions compiled before it
     (ctx.resident: Llama 3.2 Vision's tower), each weight once."""
     mesh = ctx.target.mesh_shape
     layers = _layers_in_graph(ctx)
-    per_layer: dict[tuple[str, str], int] = {}  # (category, dtype) -> bytes of the graph's layers
+    per_layer: dict[tuple[str, str], Fraction] = {}  # (category, dtype) -> bytes of the model's layers
     for spec in {**ctx.resident, **ctx.facts.weights}.values():
         local = spec.placement.local_shape(spec.shape, mesh)
         size = device_bytes(local, spec.dtype)
@@ -91,9 +100,11 @@ def _account_weights(plan: MemoryPlan, ctx) -> None:
             plan.weights[category] = plan.weights.get(category, 0) + size
             plan.weights_by_dtype[spec.dtype] = plan.weights_by_dtype.get(spec.dtype, 0) + size
         else:
+            # the graph may hold fewer layers than the model
+            size = size * _layer_count(ctx, spec.layer, layers)
             per_layer[(category, spec.dtype)] = per_layer.get((category, spec.dtype), 0) + size
     for (category, dtype), size in per_layer.items():
-        total = size * ctx.cfg.n_layers // len(layers)  # the graph may hold fewer layers than the model
+        total = math.floor(size)
         plan.weights[category] = plan.weights.get(category, 0) + total
         plan.weights_by_dtype[dtype] = plan.weights_by_dtype.get(dtype, 0) + total
 
@@ -111,7 +122,7 @@ def _account_state(plan: MemoryPlan, ctx) -> None:
             continue
         tokens = local[0] * local[2]  # [batch | blocks, kv heads, positions | block, head_dim]
         slots.add(tokens)
-        count = Fraction(ctx.cfg.n_layers, len(layers)) if spec.layer is not None else 1
+        count = _layer_count(ctx, spec.layer, layers) if spec.layer is not None else 1
         per_token += Fraction(device_bytes(local, spec.dtype), tokens) * count
     plan.kv_bytes_per_token = math.ceil(per_token)
     if not (getattr(ctx.options, "paged_attention", False) and slots):

@@ -45,6 +45,12 @@ def make_backend(program: Program, manifest: dict, backend: str, system: str | N
         raise ArtifactError("this artifact was compiled with --no-weights; it cannot run")
     if not (Path(weights_dir) / "index.json").exists():
         raise ArtifactError(f"converted weights missing at {weights_dir}; run ttcompile again")
+    if program.replicas:  # data parallel: a replica on each sub-mesh (runtime/replicas.py)
+        if backend == "emulator":
+            from .replicas import open_emulator
+            return open_emulator(program, Path(weights_dir), system)
+        from .ttnn_backend.replicas import open_replicas
+        return open_replicas(program, Path(weights_dir))
     if backend == "emulator":
         from .emulator.backend import EmulatorBackend
         return EmulatorBackend(program, Path(weights_dir), system=system)
@@ -103,9 +109,11 @@ class Session:
         """The KV page allocator (paged programs only), created on first use."""
         if self._pages is None:
             from .pages import PageAllocator
-            options = self.program.options
-            self._pages = PageAllocator(options["max_num_blocks"], options["block_size"],
-                                        self.max_seq_len // options["block_size"])
+            from .replicas import ReplicaPages
+            options, replicas = self.program.options, self.program.replicas
+            geometry = (options["max_num_blocks"], options["block_size"], self.max_seq_len // options["block_size"])
+            self._pages = (ReplicaPages(replicas["count"], replicas["batch_size"], *geometry) if replicas
+                           else PageAllocator(*geometry))  # data parallel: a pool per replica
         return self._pages
 
     @property

@@ -21,6 +21,7 @@ from compiler.targets import TARGETS
 from lowering.optable import OPS
 from lowering.program import Function, Program, is_tensor_ref, resolve_scalar, tensor_name
 
+from .fidelity import Multiplier, prepare_weight
 from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES, quantize_like
 
 
@@ -110,8 +111,12 @@ class EmulatorBackend:
     name = "emulator"
 
     def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
-                 system: str | None = None):
+                 system: str | None = None, emulate_fidelity: bool = False):
         self.program = program
+        # Matmuls as Wormhole's FPU computes them (runtime/emulator/fidelity.py); False:
+        # exact products, the same deterministic float64 accumulation.
+        self.emulate_fidelity = emulate_fidelity
+        self.multiplier_weights: dict[str, list] = {}
         self.mesh_shape = tuple(program.mesh_shape)
         self.chips = self.mesh_shape[0] * self.mesh_shape[1]
         self.system = self._open_system(system)
@@ -174,6 +179,19 @@ class EmulatorBackend:
                 pieces = [matmul_operand(p, self.linear_weights[name]) for p in pieces]
             self.env[name] = pieces
 
+    def another_replica(self) -> "EmulatorBackend":
+        """A data-parallel replica of this backend (runtime/replicas.py): the same program
+        and weight tensors (shared: ops never write weights), its own state, sampling
+        generators and counters."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.env = {name: self.env[name] for name in self.program.weights}
+        other.sampling_rngs = [np.random.default_rng(u) for u in range(32)]
+        other.reset()
+        other.steps = {name: other._prepare(fn) for name, fn in self.program.functions.items()}
+        other.ops_executed, other.collectives_executed, other.invocations = Counter(), Counter(), Counter()
+        return other
+
     def seed_sampling(self, seeds) -> None:
         """Seed each user's sampling generator (ttnn.manual_seed per user on a device)."""
         self.sampling_rngs[:] = [np.random.default_rng(int(s)) for s in seeds]
@@ -200,6 +218,8 @@ class EmulatorBackend:
                 raise EmulatorError(f"op {op.op} has no emulator implementation")
             args = [_arg(a, known) for a in op.args]
             kwargs = {k: _arg(v, known) for k, v in op.kwargs.items()}
+            if op.op == "ttnn.linear" and tensor_name(op.args[1]) in self.program.weights:
+                args[1] = ("t", self._multiplier_weight(op))
             collective = op.op in COLLECTIVE_IMPLS
             if collective:
                 kwargs["mesh_shape"] = ("v", self.mesh_shape)
@@ -211,6 +231,25 @@ class EmulatorBackend:
             dtypes = [fn.tensors[o].dtype for o in op.out]
             steps.append(_Step(op, IMPLS[op.op], collective, args, kwargs, list(op.out), dtypes))
         return steps
+
+    def _multiplier_weight(self, op) -> str:
+        """The env name of a linear's weight as the matrix unit sees it under the op's
+        compute-kernel settings (fidelity.prepare_weight), prepared once per weight and
+        settings (a replicated piece once for all chips) and shared with replicas. The
+        weight's own entry keeps the values the device stores."""
+        name = tensor_name(op.args[1])
+        multiplier = Multiplier.of(op.kwargs.get("compute_kernel_config"), self.emulate_fidelity)
+        if not multiplier.fp32_dest and multiplier.fidelity:
+            return name  # a bfloat16 Dst: linear forms each phase from the stored weight
+        key = f"{name}#{multiplier.fidelity or 'exact'}"
+        if key not in self.multiplier_weights:
+            prepared = {}
+            for piece in self.env[name]:
+                if id(piece) not in prepared:
+                    prepared[id(piece)] = prepare_weight(piece, multiplier)
+            self.multiplier_weights[key] = [prepared[id(p)] for p in self.env[name]]
+        self.env[key] = self.multiplier_weights[key]
+        return key
 
     # ------------------------------------------------------------------ execution
     def run(self, fn_name: str, inputs: dict[str, np.ndarray], scalars: dict[str, int] | None = None

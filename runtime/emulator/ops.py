@@ -5,7 +5,8 @@ padding cannot change any of these results, so it is accounted for in the progra
 specs rather than materialised. Results are cast to the op's output dtype by the
 executor (bfloat16 rounding, or block-float quantisation for bfloat8_b/bfloat4_b).
 Reductions, norms, rotary and attention compute in float32, as the device's fp32
-accumulation does; matmuls take the operand dtypes as stored.
+accumulation does; matmuls (ttnn.linear) form their products and round as Wormhole's
+matrix unit does, per the op's math fidelity (fidelity.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import blockfloat
+from . import fidelity
 from .blockfloat_torch import quantize as quantize_blockfloat
 
 TILE = 32
@@ -87,16 +89,10 @@ def rms_norm(x, epsilon=1e-12, weight=None, memory_config=None, compute_kernel_c
 
 @impl("ttnn.linear")
 def linear(a, b_t, bias=None, dtype=None, memory_config=None, compute_kernel_config=None, activation=None):
-    # b_t is the [N, K] copy the executor keeps of a [K, N] weight (F.linear's fast path).
-    # The device accumulates in fp32 and rounds once to the output dtype: a float32 output
-    # is computed in float32, a bfloat16 one with bfloat16 operands (fp32 accumulation).
-    compute = torch.float32 if dtype == "float32" else b_t.dtype
-    if a.dtype != compute:
-        a = a.to(compute)
-    if b_t.dtype != compute:
-        b_t = b_t.to(compute)
-    out = F.linear(a, b_t, None if bias is None else bias.reshape(-1).to(compute))
-    return out if dtype in (None, "float32") or compute == torch.bfloat16 else out.to(torch.bfloat16)
+    # b_t: the [N, K] copy the executor keeps of a [K, N] weight, or that weight as the
+    # matrix unit sees it (fidelity.PreparedWeight). Products, accumulation and the packer's
+    # rounding follow the compute kernel config (math fidelity, fp32 Dst): fidelity.py.
+    return fidelity.linear(a, b_t, bias, dtype, compute_kernel_config)
 
 
 @impl("ttnn.add")

@@ -5,7 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-from .backend import TtnnBackend, TtnnBackendError, TtnnUnsupportedProgram
+from .backend import TtnnBackendError, TtnnUnsupportedProgram
+from .replicas import open_backend
 from .validate import VALIDATE_PREFILL_ROWS
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     program, manifest = read_artifact(args.artifact)
     weights_dir = None if args.no_weights else manifest.get("weights")
     try:
-        backend = TtnnBackend(program, Path(weights_dir) if weights_dir else None)
+        backend = open_backend(program, Path(weights_dir) if weights_dir else None)
         summary = backend.validate(args.prefill_rows, functions=args.functions, chunk_start=args.chunk_start)
     except (TtnnBackendError, TtnnUnsupportedProgram) as e:
         print(e, file=sys.stderr)

@@ -35,6 +35,8 @@ from lowering.optable import OPS
 from lowering.program import (SEQ, Function, Op, Program, concrete_dim, is_tensor_ref, resolve_scalar,
                               tensor_name)
 
+from runtime.replicas import USER_DIM
+
 from . import mock
 from . import placement as placement_
 from .ops import (PER_USER, PRODUCES_SHARDED, TILE_ROW, TTNN_OPS, WANTS, WEIGHT_PLACEMENTS, OpCall,
@@ -47,11 +49,7 @@ from .weights import read_weights
 TILE = 32
 INACTIVE = -1  # position of a padded (inactive) decode user in cur_pos / update_idxs tensors
 POSITION_KWARGS = ("cur_pos_tensor", "update_idxs_tensor")
-# per-call input source -> its users dim (decode pads it to a tile of users): tokens and
-# positions [1, B], page table [B, blocks], Llama 3.2 Vision's cross-attention rows
-# [1, 1, B, L] and row mask [1, 1, B, 1]
-USER_DIM = {"tokens": -1, "positions": -1, "page_table": 0, "xattn_mask": -2, "row_mask": -2,
-            "sample_k": 0, "sample_p": 0, "sample_temp": 0}
+# USER_DIM: per-call input source -> its users dim (decode pads it to a tile of users)
 USER_PAD = {"sample_k": 1, "sample_p": 1.0, "sample_temp": 1.0}  # a padded user samples greedily (k = 0 is invalid)
 
 
@@ -87,6 +85,21 @@ class TtnnOpError(TtnnBackendError):
                  *(f"  input {s}" for s in inputs),
                  "  ttnn says:", *("    " + line for line in message.splitlines())]
         super().__init__("\n".join(lines))
+
+
+def open_mesh(ttnn, mode: mock.DeviceMode, mesh_shape):
+    """Open a mesh of `mesh_shape` (rows, cols) on the card or the mock (`mode`)."""
+    rows, cols = mesh_shape
+    options = {}
+    if rows * cols > 1:  # collectives run over the fabric, configured before opening
+        ttnn.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+    if mode.mock:
+        # With the default (ethernet) dispatch, ttnn 0.81.1's mock mesh of a multi-chip
+        # cluster reports an 8x8 worker grid for chips with two harvested rows, while its
+        # program validation allows 8x7, so every op that takes the mesh's grid is
+        # rejected. Dispatching on worker cores makes both say 8x7.
+        options["dispatch_core_config"] = ttnn.DispatchCoreConfig(ttnn.DispatchCoreType.WORKER)
+    return ttnn.open_mesh_device(ttnn.MeshShape(rows, cols), **options)
 
 
 def ttnn_message(error: BaseException) -> str:
@@ -135,9 +148,12 @@ class TtnnBackend(Validation):
     name = "ttnn"
 
     def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
-                 quiet: bool = False, weight_files: bool = True):
+                 quiet: bool = False, weight_files: bool = True, mesh=None):
         """`weight_files`: read the weights from ttnn's tensor files of this program and
-        system when they exist, else convert on the host and write them (weight_files.py)."""
+        system when they exist, else convert on the host and write them (weight_files.py).
+        `mesh`: an open (sub-)mesh of the program's shape to run on (a data-parallel
+        replica's, replicas.py), which close() leaves open; by default the backend opens
+        and closes its own."""
         check_supported(program)
         self.program = program
         self.mode = mock.configure(program.target, quiet=quiet)
@@ -150,7 +166,8 @@ class TtnnBackend(Validation):
 
         self.ttnn = ttnn
         self.mesh = None
-        self.mesh = self._open_mesh(program.mesh_shape)
+        self._owns_mesh = mesh is None
+        self.mesh = open_mesh(ttnn, self.mode, program.mesh_shape) if mesh is None else mesh
         self.env: dict = {}
         self.ops_executed: Counter = Counter()
         self.invocations: Counter = Counter()
@@ -172,25 +189,12 @@ class TtnnBackend(Validation):
         return cls(program, None, weights=weights, quiet=quiet)
 
     # ------------------------------------------------------------------ device
-    def _open_mesh(self, mesh_shape):
-        ttnn = self.ttnn
-        rows, cols = mesh_shape
-        options = {}
-        if rows * cols > 1:  # collectives run over the fabric, configured before opening
-            ttnn.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
-        if self.mode.mock:
-            # With the default (ethernet) dispatch, ttnn 0.81.1's mock mesh of a multi-chip
-            # cluster reports an 8x8 worker grid for chips with two harvested rows, while its
-            # program validation allows 8x7, so every op that takes the mesh's grid is
-            # rejected. Dispatching on worker cores makes both say 8x7.
-            options["dispatch_core_config"] = ttnn.DispatchCoreConfig(ttnn.DispatchCoreType.WORKER)
-        return ttnn.open_mesh_device(ttnn.MeshShape(rows, cols), **options)
-
     def close(self) -> None:
         if getattr(self, "mesh", None) is not None:
             self.env.clear()
             self._zero_rows.clear()
-            self.ttnn.close_mesh_device(self.mesh)
+            if self._owns_mesh:
+                self.ttnn.close_mesh_device(self.mesh)
             self.mesh = None
 
     def __del__(self):

@@ -6,7 +6,8 @@ Runs in .venv-ttnn (ttnn, numpy, no torch); tests/test_ttnn_backend.py calls it:
                                                     [--chunk-start P] [--zero-state-rows ROW ...]
 
 Artifacts compiled with --no-weights (and all of them with --no-weights) are replayed with
-their weights allocated on the device (TtnnBackend.from_program); the others are loaded as
+their weights allocated on the device (open_backend: TtnnBackend, or the replicas of a
+data-parallel program on sub-meshes); the others are loaded as
 the runtime loads them (runtime.load(OUT, backend="ttnn")). Several artifacts share one
 process (ttnn builds its mock cluster once per process: give programs of one target, or
 smaller ones after the largest), each on its own mesh, opened and closed in turn.
@@ -32,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import runtime  # noqa: E402
 from lowering.program import Program  # noqa: E402
-from runtime.ttnn_backend import (TtnnBackend, TtnnBackendError, TtnnOpError,  # noqa: E402
+from runtime.ttnn_backend import (TtnnBackendError, TtnnOpError,  # noqa: E402
                                   TtnnUnsupportedProgram)
+from runtime.ttnn_backend.replicas import open_backend  # noqa: E402
 
 
 def replay_one(out: Path, no_weights: bool, prefill_rows: int, chunk_start: int = 0,
@@ -43,7 +45,7 @@ def replay_one(out: Path, no_weights: bool, prefill_rows: int, chunk_start: int 
     zeroed = None
     try:
         if no_weights or program.options.get("no_weights"):
-            backend = TtnnBackend.from_program(program)
+            backend = open_backend(program, None)  # data parallel: the replicas on sub-meshes
         else:
             backend = runtime.load(out, backend="ttnn", warmup=False).backend  # validate() runs every function
         summary = backend.validate(prefill_rows, chunk_start=chunk_start)
