@@ -90,7 +90,7 @@ def test_a_replica_the_model_does_not_fit_is_refused(tmp_path, capsys):
     """Llama 3.1 70B fits a T3K, not the N300 a quarter of it is: refused, naming both."""
     from pathlib import Path
 
-    config = Path(__file__).resolve().parents[2] / "shared" / "seed-configs" / "llama3.1-70b"
+    config = Path(__file__).resolve().parents[1] / "models_ref" / "seed_configs" / "llama3.1-70b"
     out = tmp_path / "out"
     rc = cli.main([str(config), "--no-weights", "--target", "T3K", "--data-parallel", "4", "--batch-size", "4",
                    "-o", str(out), "-q"])
