@@ -33,7 +33,11 @@ def ensure_program(optimizations: str) -> Path:
 def emulator_decode(program: Path, prompt: list[int], steps: int) -> float:
     import runtime
 
-    session = runtime.load(program)
+    return decode_rate(runtime.load(program), prompt, steps)
+
+
+def decode_rate(session, prompt: list[int], steps: int) -> float:
+    """Batch-1 decode steps per second of an emulator session after a prefill of `prompt`."""
     session.backend.reset()
     token = int(session.prefill(prompt, 0).argmax())
     tokens = np.zeros(session.batch_size, dtype=np.int64)

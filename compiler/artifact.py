@@ -102,6 +102,8 @@ def write_artifact(result: CompileResult, out_dir: Path, model_dir: Path,
     tmp = _mkdtemp(f".{out_dir.name}.", out_dir.parent)
     try:
         (tmp / "program.json").write_text(result.program.dumps())
+        if result.precision_file is not None:  # --precision: the per-layer choice, as a precision file
+            (tmp / "precision.json").write_text(json.dumps(result.precision_file, indent=1))
         copied = copy_tokenizer_files(model_dir, tmp)
         manifest = {
             "artifact_version": ARTIFACT_VERSION,

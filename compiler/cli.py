@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel", type=int, default=1, metavar="N",
                    help="N replicas of the program on equal sub-meshes of the target (T3K: 4 N300s or 8 N150s; "
                         "TG: 4 T3Ks, 16 N300s or 32 N150s), --batch-size users split over them")
+    p.add_argument("--precision", metavar="FILE.json|auto",
+                   help="per decoder layer dtypes and math fidelities: a tt_transformers decoder config file "
+                        "(merged onto --optimizations), or 'auto': measure each layer's sensitivity and keep "
+                        "the fewest weight bytes with calibration top-1 >= --min-top1")
+    p.add_argument("--min-top1", type=float, default=0.90,
+                   help="with --precision auto: the teacher-forced top-1 agreement to keep (default 0.90)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="with --precision auto: the calibration text (default: the one shipped with ttcompile)")
     p.add_argument("--no-weights", action="store_true", help="compile from the config alone")
     p.add_argument("--cache", help="converted-weight cache root (default $TT_CACHE_PATH or ~/.cache/ttcompile)")
     p.add_argument("--print-after", action="append", default=[], metavar="PASS")
@@ -70,7 +78,8 @@ def options_from_args(args, environ=os.environ) -> CompileOptions:
         max_prefill_chunk=args.max_prefill_chunk, block_size=args.block_size,
         paged_attention=not args.no_paged_attention,
         max_num_blocks=args.max_num_blocks, no_weights=args.no_weights, sampling=args.sampling,
-        data_parallel=args.data_parallel,
+        data_parallel=args.data_parallel, precision=args.precision, min_top1=args.min_top1,
+        calibration=args.calibration,
         **({"cache_dir": Path(args.cache)} if args.cache else {}))
     return apply_env(options, environ, explicit)
 
@@ -90,6 +99,8 @@ def _run(args) -> int:
     result = compile_model(model_dir, options, observer, full_trace=args.full_trace)
     for text in result.printed:
         print(text)
+    if result.precision_file and result.precision_file.get("chosen") and not args.quiet:
+        print(result.precision_file["chosen"]["summary"])
     if args.report:
         from .report import format_report
         print(format_report(result.plan, result.cfg.name, options.optimizations, result.program.precision,

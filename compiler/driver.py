@@ -8,8 +8,8 @@ from pathlib import Path
 from lowering.lower import device_weights, lower
 from lowering.sampling import with_device_sampling
 from lowering.program import Function, Program, TensorSpec
-from lowering.stamp import (TRACED_LAYERS, canonical_names, canonical_order, stamp_function,
-                            stamp_state, stamp_weights)
+from lowering.stamp import (LayerPlan, canonical_names, canonical_order, stamp_function, stamp_state,
+                            stamp_weights)
 from models_ref.config import ModelConfig, load_config
 from models_ref.weights import CheckpointReader, open_checkpoint
 from compiler.memory import MemoryPlan
@@ -17,6 +17,7 @@ from compiler.memory import MemoryPlan
 from .data_parallel import replica_layout
 from .errors import CompileError, InternalCompilerError, node_in_traceback
 from .options import CompileOptions
+from .precision_file import plan_layers
 from .pipeline import Observer, run_pipeline
 from .targets import Target, get_target
 from .trace import trace
@@ -33,6 +34,7 @@ class CompileResult:
     printed: list[str] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
     plan: MemoryPlan | None = None  # bytes per chip and fit decisions (passes/memory_plan.py)
+    precision_file: dict | None = None  # --precision: the per-layer settings, as a precision file
 
 
 def resolve_max_seq_len(cfg: ModelConfig, options: CompileOptions) -> int:
@@ -56,12 +58,12 @@ def _merge_plans(prefill: MemoryPlan, decode: MemoryPlan) -> MemoryPlan:
     return prefill
 
 
-def _lower_mode(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Function, dict, dict]:
+def _lower_mode(gm, ctx, layers: LayerPlan) -> tuple[Function, dict, dict]:
     """The mode's program function, weight table and state table, with layers stamped
-    when the graph holds only the first `traced_layers` of `n_layers`. A failure here is
-    the compiler's (an op the table lacks, a rule that crashed): an internal error."""
+    from the traced ones when `layers` says so. A failure here is the compiler's (an op
+    the table lacks, a rule that crashed): an internal error."""
     try:
-        return _lower_and_stamp(gm, ctx, n_layers, traced_layers)
+        return _lower_and_stamp(gm, ctx, layers)
     except CompileError:
         raise
     except Exception as e:
@@ -69,15 +71,15 @@ def _lower_mode(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Func
                                     f"{type(e).__name__}: {e}") from e
 
 
-def _lower_and_stamp(gm, ctx, n_layers: int, traced_layers: int | None) -> tuple[Function, dict, dict]:
+def _lower_and_stamp(gm, ctx, layers: LayerPlan) -> tuple[Function, dict, dict]:
     fn = canonical_names(lower(gm, ctx))
     weights = device_weights(ctx.facts, ctx.cfg)
     state = {name: TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer,
                               spec.placement.to_json())
              for name, spec in ctx.facts.state.items()}
-    if traced_layers is not None:
-        fn = stamp_function(fn, n_layers)
-        weights, state = stamp_weights(weights, n_layers), stamp_state(state, n_layers)
+    if layers.stamped and ctx.mode != "vision":
+        fn = stamp_function(fn, layers)
+        weights, state = stamp_weights(weights, layers), stamp_state(state, layers)
     return fn, weights, state
 
 
@@ -118,14 +120,17 @@ def _compile_program(model_dir: str | Path, options: CompileOptions, observer: O
     max_seq_len = resolve_max_seq_len(cfg, options)
     observer = observer or Observer()
     functions, weights, state, counters, plans = {}, {}, {}, {}, {}
-    # Layers are stamped from two traced ones, unless they are not all alike (Llama 3.2
+    # Every layer's precision (the mode's, or --precision's per layer); layers are stamped
+    # from one traced layer per precision class, unless they differ in structure (Llama 3.2
     # Vision interleaves cross-attention layers): then every layer is traced.
-    stampable = not full_trace and cfg.n_layers > TRACED_LAYERS and not cfg.cross_attention_layers
-    traced_layers = TRACED_LAYERS if stampable else None
+    precision, precision_file = plan_layers(cfg, options, reader, model_dir)
+    layers = LayerPlan.of(precision.layers, stamp=not full_trace and not cfg.cross_attention_layers)
+    traced_layers = layers.traced if layers.stamped else None
     resident, other_activations = {}, 0  # what functions compiled earlier hold (the vision tower)
 
     def compile_mode(mode, context):
         gm, ctx = trace(cfg, mode, target, options, context, layers=traced_layers)
+        ctx.precision_plan, ctx.layer_plan = precision, layers
         ctx.resident, ctx.other_activation_bytes = dict(resident), other_activations
         return run_pipeline(gm, ctx, observer), ctx
 
@@ -143,12 +148,12 @@ def _compile_program(model_dir: str | Path, options: CompileOptions, observer: O
             plans[mode] = ctx.facts.memory
         if mode == "vision":
             resident, other_activations = dict(ctx.facts.weights), plan.other_activation_bytes
-        functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, cfg.n_layers, traced_layers)
+        functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, layers)
         if mode == "decode" and options.sampling == "device":
             # decode ends in sampling on the device; the logits variant serves teacher forcing
             functions["decode_logits"] = dataclasses.replace(functions["decode"], name="decode_logits")
             functions["decode"] = with_device_sampling(functions["decode_logits"], options.batch_size)
-        precision = ctx.facts.precision
+        precision_facts = ctx.facts.precision
         weights = canonical_order({**weights, **mode_weights})
         state = canonical_order({**state, **mode_state})
         counters.update({f"{mode}.{k}": v for k, v in ctx.counters.items()})
@@ -163,5 +168,5 @@ def _compile_program(model_dir: str | Path, options: CompileOptions, observer: O
                  # The page pool paged_kv sized (the option, or enough for a full-length user).
                  "max_num_blocks": counters.get("decode.paged_kv.pool_blocks", options.max_num_blocks)},
         weights=weights,
-        state=state, functions=functions, memory_plan=plan.to_json(), precision=precision)
-    return CompileResult(program, cfg, target, reader, observer.printed, counters, plan)
+        state=state, functions=functions, memory_plan=plan.to_json(), precision=precision_facts)
+    return CompileResult(program, cfg, target, reader, observer.printed, counters, plan, precision_file)

@@ -28,6 +28,12 @@ class CompileOptions:
     # Replicas of the program on equal sub-meshes of the target (compiler/data_parallel.py);
     # batch_size counts the users of all of them, batch_size / data_parallel each.
     data_parallel: int = 1
+    # Per-layer precision (passes/precision.py): None (the mode's policy), a tt_transformers
+    # decoder-config JSON file (compiler/precision_file.py), or "auto": the sensitivity
+    # search (compiler/precision_search.py) keeping calibration top-1 >= min_top1.
+    precision: str | None = None
+    min_top1: float = 0.90
+    calibration: str | None = None  # a text file (None: the one shipped, compiler/data/)
 
     def __post_init__(self):
         if self.optimizations not in OPTIMIZATIONS:
@@ -48,6 +54,8 @@ class CompileOptions:
             raise ValueError(f"max-num-blocks {self.max_num_blocks} must be at least 1")
         if self.sampling not in SAMPLING:
             raise ValueError(f"unknown sampling '{self.sampling}' (choose {', '.join(SAMPLING)})")
+        if not 0.0 < self.min_top1 <= 1.0:
+            raise ValueError(f"--min-top1 {self.min_top1} must be in (0, 1]")
         if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
             raise ValueError(f"max-prefill-chunk {self.max_prefill_chunk} must be a positive number of tokens")
 

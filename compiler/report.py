@@ -30,6 +30,27 @@ def format_precision(precision: dict) -> list[str]:
     lines = [f"precision ({precision.get('mode')}): weights {weights}; KV cache {policy.get('kv_cache')}; "
              f"activations {policy.get('activations')}; MLP fidelity {policy.get('ff1_ff3_fidelity')}"]
     lines += [f"  rule: {why}" for why in precision.get("rules", [])]
+    return lines + format_layer_precision(precision)
+
+
+LAYER_COLUMNS = ("wqkv", "wo", "ff1_ff3", "ff2", "kv_cache", "activations", "li_ff1_ff3")
+
+
+def format_layer_precision(precision: dict) -> list[str]:
+    """With --precision: every decoder layer's dtypes (and MLP kernel), runs of equal
+    layers on one line, and the LM head's."""
+    layers = precision.get("layers")
+    if not layers:
+        return []
+    head = precision.get("lm_head", {})
+    lines = [f"  per layer (--precision {precision.get('source')}): {' / '.join(LAYER_COLUMNS)}; "
+             f"LM head {head.get('dtype')} {head.get('kernel')}"]
+    start = 0
+    for i in range(1, len(layers) + 1):
+        if i == len(layers) or layers[i] != layers[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            lines.append(f"    layers {span:<7} " + " / ".join(str(layers[start][c]) for c in LAYER_COLUMNS))
+            start = i
     return lines
 
 

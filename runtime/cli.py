@@ -5,6 +5,9 @@
     ttrun PRESET --model DIR        compile DIR for the preset first (then --target,
                                     --optimizations apply)
     ttrun prompt "text" --program OUT
+    ttrun accuracy --program OUT --reference MODEL_DIR [--text FILE] [--tokens N]
+                                    teacher-forced top-1/top-5 and logits PCC against HF
+                                    (runtime/accuracy.py)
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from .presets import PRESETS
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ttrun", description="Generate text with a compiled program.")
-    p.add_argument("preset", choices=[*PRESETS, "prompt"], help="a demo preset, or 'prompt'")
+    p.add_argument("preset", choices=[*PRESETS, "prompt", "accuracy"], help="a demo preset, 'prompt' or 'accuracy'")
     p.add_argument("prompts", nargs="*", help="with 'prompt': the prompt texts")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="with 'prompt' (Llama 3.2 Vision programs): an image for each prompt text, in order")
@@ -26,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="N150")
     p.add_argument("--optimizations", choices=["performance", "accuracy", "float32"], default="performance")
     p.add_argument("--backend", default="emulator", choices=["emulator", "ttnn"])
+    p.add_argument("--matmul", default="device", choices=["device", "exact"],
+                   help="emulator matmuls: 'device' at each op's math fidelity as Wormhole's matrix unit "
+                        "computes them (default), 'exact' with exact products")
+    p.add_argument("--reference", metavar="MODEL_DIR", help="with 'accuracy': the HF model to compare with")
+    p.add_argument("--text", metavar="FILE", help="with 'accuracy': the text to teacher-force (default: the shipped one)")
+    p.add_argument("--tokens", type=int, default=256, help="with 'accuracy': positions predicted (after 64 of prefill)")
     p.add_argument("--input-prompts", help="a JSON prompt file instead of the preset's")
     p.add_argument("--batch-size", type=int, help="users per batch (compiles with --model)")
     p.add_argument("--repeat-batches", type=int)
@@ -54,8 +63,28 @@ def _compile(args, preset) -> str:
     return str(out)
 
 
+def _accuracy(args) -> int:
+    import runtime
+    from pathlib import Path
+
+    from .accuracy import TEXT, measure, plain_text
+
+    if not (args.program and args.reference):
+        raise ValueError("ttrun accuracy needs --program OUT and --reference MODEL_DIR")
+    text = Path(args.text or TEXT)
+    try:
+        content = plain_text(text.read_text())
+    except OSError as e:
+        raise ValueError(f"--text {text}: cannot read ({e.strerror or e})") from None
+    session = runtime.load(args.program, backend=args.backend, matmul=args.matmul)
+    print(measure(session, Path(args.reference), content, args.tokens).table())
+    return 0
+
+
 def _run(args) -> int:
     import runtime
+    if args.preset == "accuracy":
+        return _accuracy(args)
     from .presets import Preset, PromptEntry, encode_entry, read_prompts
 
     preset = PRESETS.get(args.preset) or Preset("prompt", "", 1, 128, 4096)
@@ -64,7 +93,7 @@ def _run(args) -> int:
     start = time.perf_counter()
     program = _compile(args, preset) if args.model else args.program
     compile_s = time.perf_counter() - start if args.model else 0.0
-    session = runtime.load(program, backend=args.backend)
+    session = runtime.load(program, backend=args.backend, matmul=args.matmul)
     session.stats.compile_s = compile_s  # reported with the load and warm-up
     instruct = not args.no_instruct and session.tokenizer.has_chat_template
     if args.preset == "prompt":

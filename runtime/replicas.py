@@ -194,10 +194,12 @@ class ReplicaPages:
         return np.stack([self.row(u) for u in range(users)])
 
 
-def open_emulator(program, weights_dir: Path, system: str | None = None) -> Replicated:
+def open_emulator(program, weights_dir: Path, system: str | None = None,
+                  emulate_fidelity: bool = True) -> Replicated:
     """The replicas of a data-parallel program on the emulator: one EmulatorBackend on the
     replica's mesh, then copies of it that share its weights (read-only) with their own
-    state. `system` (optional) must hold the program's system."""
+    state. `system` (optional) must hold the program's system; `emulate_fidelity` as
+    EmulatorBackend's."""
     from compiler.targets import TARGETS
 
     from .emulator.backend import EmulatorBackend
@@ -209,5 +211,5 @@ def open_emulator(program, weights_dir: Path, system: str | None = None) -> Repl
         if not host.holds(needed):
             raise ValueError(f"a {needed.name} program ({program.replicas['count']} replicas) does not fit a "
                              f"{host.name} system (mesh {list(host.mesh_shape)})")
-    first = EmulatorBackend(program.replica_program(), weights_dir)
+    first = EmulatorBackend(program.replica_program(), weights_dir, emulate_fidelity=emulate_fidelity)
     return Replicated(program, [first] + [first.another_replica() for _ in range(program.replicas["count"] - 1)])

@@ -19,6 +19,10 @@ from .stats import Stats
 
 TILE = 32
 BACKENDS = ("emulator", "ttnn")
+# How the emulator's matmuls form their products: "device" as Wormhole's matrix unit does at
+# each op's math fidelity (runtime/emulator/fidelity.py), "exact" with exact products. Both
+# accumulate the same deterministic way. A card always multiplies as "device".
+MATMULS = {"device": True, "exact": False}  # name -> EmulatorBackend's emulate_fidelity
 
 
 class ArtifactError(ValueError):
@@ -37,9 +41,14 @@ def read_artifact(path: str | Path) -> tuple[Program, dict]:
     return program, manifest
 
 
-def make_backend(program: Program, manifest: dict, backend: str, system: str | None = None):
+def make_backend(program: Program, manifest: dict, backend: str, system: str | None = None,
+                 matmul: str = "device"):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+    if matmul not in MATMULS:
+        raise ValueError(f"unknown matmul '{matmul}' (choose {', '.join(MATMULS)})")
+    if backend != "emulator" and matmul != "device":
+        raise ValueError(f"matmul='{matmul}' is an emulator setting (the {backend} backend multiplies as the device does)")
     weights_dir = manifest.get("weights")
     if weights_dir is None:
         raise ArtifactError("this artifact was compiled with --no-weights; it cannot run")
@@ -48,12 +57,12 @@ def make_backend(program: Program, manifest: dict, backend: str, system: str | N
     if program.replicas:  # data parallel: a replica on each sub-mesh (runtime/replicas.py)
         if backend == "emulator":
             from .replicas import open_emulator
-            return open_emulator(program, Path(weights_dir), system)
+            return open_emulator(program, Path(weights_dir), system, MATMULS[matmul])
         from .ttnn_backend.replicas import open_replicas
         return open_replicas(program, Path(weights_dir))
     if backend == "emulator":
         from .emulator.backend import EmulatorBackend
-        return EmulatorBackend(program, Path(weights_dir), system=system)
+        return EmulatorBackend(program, Path(weights_dir), system=system, emulate_fidelity=MATMULS[matmul])
     from .ttnn_backend import TtnnBackend  # noqa: F401 (the ttnn backend issue)
     return TtnnBackend(program, Path(weights_dir))
 
@@ -238,9 +247,11 @@ class Session:
 
 
 def load(path: str | Path, backend: str = "emulator", system: str | None = None,
-         warmup: bool | None = None) -> Session:
+         warmup: bool | None = None, matmul: str = "device") -> Session:
     """Open an artifact on a backend. `system` names the machine the emulator pretends to
     be (a program for a smaller mesh runs on a sub-mesh of it, as FAKE_DEVICE does).
+    `matmul` (emulator): "device" multiplies at each op's math fidelity as Wormhole's
+    matrix unit does, "exact" with exact products (MATMULS).
     `warmup`: run every function once before returning (None: on the ttnn backend, whose
     first calls compile kernels; the emulator compiles nothing). Load and warm-up times
     are in `Session.stats`."""
@@ -248,7 +259,7 @@ def load(path: str | Path, backend: str = "emulator", system: str | None = None,
 
     start = time.perf_counter()
     program, manifest = read_artifact(path)
-    session = Session(Path(path), program, manifest, make_backend(program, manifest, backend, system))
+    session = Session(Path(path), program, manifest, make_backend(program, manifest, backend, system, matmul))
     _startup(session, time.perf_counter() - start, warmup)
     return session
 

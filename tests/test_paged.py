@@ -55,7 +55,8 @@ def test_chunked_prefill_equals_one_shot(model, compile_artifact, target):
 
 
 def test_chunked_prefill_matches_hf_in_float32(model, compile_artifact):
-    session = runtime.load(_compile(compile_artifact, model, optimizations="float32", max_prefill_chunk=128))
+    session = runtime.load(_compile(compile_artifact, model, optimizations="float32", max_prefill_chunk=128),
+                           matmul="exact")
     got = session.teacher_forced_logits(LONG_PROMPT, 300)
     want = hf_logits(hf_reference(model), LONG_PROMPT)[299:len(LONG_PROMPT) - 1]
     assert pcc(got, want) > 0.999999

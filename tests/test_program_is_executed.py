@@ -33,7 +33,7 @@ def artifact(model, compile_artifact):
 
 @pytest.fixture(scope="module")
 def original_logits(artifact):
-    return runtime.load(artifact).teacher_forced_logits(TOKENS, PREFILL)
+    return runtime.load(artifact, matmul="exact").teacher_forced_logits(TOKENS, PREFILL)
 
 
 def _edited_copy(artifact, dest, edit):
@@ -83,7 +83,7 @@ def _drop_last_residual_add(program):
 
 def test_dropping_the_last_residual_add_changes_decode_like_hf(artifact, model, original_logits, tmp_path):
     edited = _edited_copy(artifact, tmp_path / "edited", _drop_last_residual_add)
-    session = runtime.load(edited)
+    session = runtime.load(edited, matmul="exact")
     assert len(session.program.functions["decode"].ops) == len(runtime.load(artifact).program.functions["decode"].ops) - 1
     got = session.teacher_forced_logits(TOKENS, PREFILL)
 
@@ -121,7 +121,7 @@ def _scale_kwarg(op_filter, key, factor):
 
 def test_rms_norm_epsilon_is_read_from_the_program(artifact, model, original_logits, tmp_path):
     edited = _edited_copy(artifact, tmp_path / "eps", _scale_kwarg(lambda n: n == "ttnn.rms_norm", "epsilon", 1e4))
-    got = runtime.load(edited).teacher_forced_logits(TOKENS, PREFILL)
+    got = runtime.load(edited, matmul="exact").teacher_forced_logits(TOKENS, PREFILL)
     change = pcc(got, original_logits)
 
     hf = hf_reference(model)
@@ -138,7 +138,7 @@ def test_rms_norm_epsilon_is_read_from_the_program(artifact, model, original_log
 def test_sdpa_scale_is_read_from_the_program(artifact, model, original_logits, tmp_path):
     is_sdpa = lambda n: "scaled_dot_product_attention" in n  # noqa: E731 (paged, chunked or plain)
     edited = _edited_copy(artifact, tmp_path / "scale", _scale_kwarg(is_sdpa, "scale", 4.0))
-    got = runtime.load(edited).teacher_forced_logits(TOKENS, PREFILL)
+    got = runtime.load(edited, matmul="exact").teacher_forced_logits(TOKENS, PREFILL)
     change = pcc(got, original_logits)
 
     hf = hf_reference(model)

@@ -21,8 +21,16 @@ from compiler.targets import TARGETS
 from lowering.optable import OPS
 from lowering.program import Function, Program, is_tensor_ref, resolve_scalar, tensor_name
 
+from . import mesh
 from .fidelity import Multiplier, prepare_weight
 from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES, quantize_like
+from .pools import MeshPagePool, PagePool
+
+# Ops that reach a paged KV cache only through page tables: caches read by nothing else
+# are page pools (pools.py), with memory for the blocks written.
+PAGED_CACHE_ARGS = {"ttnn.experimental.paged_update_cache": (0,), "ttnn.experimental.paged_fill_cache": (0,),
+                    "ttnn.transformer.paged_scaled_dot_product_attention_decode": (1, 2),
+                    "ttnn.transformer.chunked_scaled_dot_product_attention": (1, 2)}
 
 
 class EmulatorError(RuntimeError):
@@ -111,8 +119,10 @@ class EmulatorBackend:
     name = "emulator"
 
     def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
-                 system: str | None = None, emulate_fidelity: bool = False):
+                 system: str | None = None, emulate_fidelity: bool = True, mesh_batched: bool = True):
         self.program = program
+        # Meshes run with the chips as leading dimensions (mesh.py); False: chip by chip.
+        self.mesh_batched = mesh_batched and program.mesh_shape[0] * program.mesh_shape[1] > 1
         # Matmuls as Wormhole's FPU computes them (runtime/emulator/fidelity.py); False:
         # exact products, the same deterministic float64 accumulation.
         self.emulate_fidelity = emulate_fidelity
@@ -121,11 +131,14 @@ class EmulatorBackend:
         self.chips = self.mesh_shape[0] * self.mesh_shape[1]
         self.system = self._open_system(system)
         self.linear_weights = self._linear_weight_names(program)
+        self.page_pools = self._page_pool_names(program)
         self.env: dict[str, list[torch.Tensor]] = {}
         self.sampling_rngs = [np.random.default_rng(u) for u in range(32)]
         self._load_weights(weights_dir, weights)
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
+        self.mesh_weights = self._stack_weights() if self.mesh_batched else {}
+        _return_freed_memory()
         self.ops_executed: Counter = Counter()
         self.collectives_executed: Counter = Counter()
         self.invocations: Counter = Counter()
@@ -155,6 +168,36 @@ class EmulatorBackend:
                     wide = op.kwargs.get("dtype") == "float32"
                     names[name] = torch.float32 if wide else names.get(name, torch.bfloat16)
         return names
+
+    @staticmethod
+    def _page_pool_names(program: Program) -> set[str]:
+        """State tensors only paged ops read, each through a page table."""
+        paged, other = set(), set()
+        for fn in program.functions.values():
+            for op in fn.ops:
+                by_table = PAGED_CACHE_ARGS.get(op.op, ())
+                if op.op == "ttnn.experimental.paged_update_cache" and op.kwargs.get("page_table") is None:
+                    by_table = ()
+                for i, a in enumerate(op.args):
+                    if is_tensor_ref(a) and tensor_name(a) in program.state:
+                        (paged if i in by_table else other).add(tensor_name(a))
+                for v in op.kwargs.values():
+                    if is_tensor_ref(v) and tensor_name(v) in program.state:
+                        other.add(tensor_name(v))
+        return paged - other
+
+    def _stack_weights(self) -> dict:
+        """Weights (and their matmul operands) as mesh values; the per-chip lists become
+        views of them, so nothing is held twice."""
+        stacked = {}
+        for name in list(self.program.weights) + list(self.multiplier_weights):
+            value = stacked[name] = mesh.stack_weight(self.env[name], self.mesh_shape)
+            if mesh._is_replicated(value):
+                continue
+            self.env[name] = mesh.chip_views(value, self.mesh_shape)
+            if name in self.multiplier_weights:
+                self.multiplier_weights[name] = self.env[name]
+        return stacked
 
     def _load_weights(self, weights_dir: Path | None, weights: dict | None) -> None:
         from safetensors.torch import safe_open
@@ -200,14 +243,36 @@ class EmulatorBackend:
         """Zero row `row` (a user) of the named state tensors on every chip (Llama 3.2
         Vision: the cross-attention caches of a user without an image)."""
         for name in names:
+            if self.mesh_batched:
+                self.env[name][:, :, row] = 0
+                continue
             for piece in {id(p): p for p in self.env[name]}.values():
                 piece[row] = 0
 
     def reset(self) -> None:
         """Zero all device state (KV caches)."""
         for name, spec in self.program.state.items():
-            full = torch.zeros(spec.shape, dtype=TORCH_DTYPES[spec.dtype])
-            self.env[name] = [p.clone() for p in place(full, spec.placement, self.mesh_shape)]
+            dtype = TORCH_DTYPES[spec.dtype]
+            piece = self._chip_shape(spec)
+            if name in self.page_pools:
+                self.env[name] = (MeshPagePool(self.mesh_shape, piece, dtype) if self.mesh_batched
+                                  else [PagePool(piece, dtype) for _ in range(self.chips)])
+            elif self.mesh_batched:
+                self.env[name] = torch.zeros(*self.mesh_shape, *piece, dtype=dtype)
+            else:
+                self.env[name] = [torch.zeros(piece, dtype=dtype) for _ in range(self.chips)]
+
+    def _chip_shape(self, spec) -> list[int]:
+        """One chip's shape of a state tensor (split by its placement, as place() splits)."""
+        shape = list(spec.shape)
+        placement = spec.placement
+        if placement and placement.get("dim") is not None:
+            parts = 1
+            for axis in placement["axes"]:
+                parts *= self.mesh_shape[axis]
+            dim = placement["dim"]
+            shape[dim] = torch.empty(shape[dim], 0).chunk(parts)[0].shape[0]
+        return shape
 
     # ------------------------------------------------------------------ preparation
     def _prepare(self, fn: Function) -> list[_Step]:
@@ -255,7 +320,7 @@ class EmulatorBackend:
     def run(self, fn_name: str, inputs: dict[str, np.ndarray], scalars: dict[str, int] | None = None
             ) -> list[np.ndarray]:
         fn = self.program.functions[fn_name]
-        env = dict(self.env)
+        env = {**self.env, **self.mesh_weights}
         for spec in fn.inputs:
             if spec.dtype in ("uint32", "int32"):
                 host = np.ascontiguousarray(inputs[spec.source], dtype=np.int64)
@@ -265,12 +330,15 @@ class EmulatorBackend:
             else:  # pixels and masks, rounded to their device dtype as the host upload would
                 host = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.float32))
                 host = _as_device(host, spec.dtype)
-            env[spec.name] = [host.reshape([d if isinstance(d, int) else -1 for d in spec.shape])] * self.chips
+            host = host.reshape([d if isinstance(d, int) else -1 for d in spec.shape])
+            env[spec.name] = host[None, None] if self.mesh_batched else [host] * self.chips
         scalars = scalars or {}
         collectives = 0
         with torch.inference_mode():
             if self.chips == 1:
                 self._run_one_chip(self.steps[fn_name], env, scalars)
+            elif self.mesh_batched:
+                collectives = mesh.run(self.steps[fn_name], env, scalars, _as_device)
             else:
                 # Per-chip ops are small: thread hand-offs would cost more than the maths.
                 threads = torch.get_num_threads()
@@ -282,6 +350,8 @@ class EmulatorBackend:
         self.ops_executed[fn_name] += len(self.steps[fn_name])
         self.collectives_executed[fn_name] += collectives
         self.invocations[fn_name] += 1
+        if self.mesh_batched:
+            return [env[o][0, 0].float().numpy() for o in fn.outputs]
         return [env[o][0].float().numpy() for o in fn.outputs]
 
     @staticmethod
@@ -352,7 +422,12 @@ class EmulatorBackend:
 
     def chip_tensor(self, name: str, chip: int) -> torch.Tensor:
         """What chip `chip` holds for a weight or state tensor (for tests and debugging)."""
-        return self.env[name][chip]
+        held = self.env[name]
+        if isinstance(held, MeshPagePool):
+            return held.chip(divmod(chip, self.mesh_shape[1]))
+        if isinstance(held, torch.Tensor):  # a mesh value (mesh_batched)
+            return mesh.chip_views(held, self.mesh_shape)[chip]
+        return held[chip].dense() if isinstance(held[chip], PagePool) else held[chip]
 
 
 def _replicated(step, env) -> bool:
@@ -363,6 +438,18 @@ def _replicated(step, env) -> bool:
             if any(t is not held[0] for t in held):
                 return False
     return True
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that loading freed (per-chip pieces, conversions) back to the OS
+    (glibc keeps it otherwise: ~0.4 GB of RSS for a TG SmolLM2). No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 _PLAIN = {"bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -1,0 +1,389 @@
+"""The mesh emulator with the chips as leading dimensions: one torch op per program op.
+
+Every value is one tensor `[rows, cols, *shape]` over the mesh (rows x cols chips, row
+major), where a leading dimension of size 1 means every chip along that mesh axis holds
+the same tensor: a replicated weight is `[1, 1, ...]`, a tensor split over both axes
+`[rows, cols, ...]`, the result of an all_reduce over axis 0 `[1, cols, ...]`. Ops whose
+inputs are all replicated run once, as on one chip; others run batched over the chips
+(BATCHED: adapters of ops.py's implementations to the leading dimensions); any other op
+runs chip by chip and its results are stacked (correct for every op, only slower).
+Collectives are reductions and concatenations over the leading dimensions, summing in
+the order the per-chip emulator does, so results are bit for bit the same.
+
+Paged KV caches are MeshPagePool (pools.py): memory for the blocks written only.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowering.program import resolve_scalar
+
+from . import fidelity, ops
+from .fidelity import PreparedWeight
+from .pools import MeshPagePool
+
+LEAD = 2  # leading dimensions: mesh rows, mesh columns
+BATCHED = {}
+MESH_COLLECTIVES = {}
+
+
+def batched(*names):
+    def register(fn):
+        for name in names:
+            BATCHED[name] = fn
+        return fn
+    return register
+
+
+def _d(dim: int) -> int:
+    """A per-chip dimension index on a stacked tensor."""
+    return dim + LEAD if dim >= 0 else dim
+
+
+def _is_replicated(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] == 1 and value.shape[1] == 1
+    if isinstance(value, list):
+        return all(_is_replicated(v) for v in value)
+    if isinstance(value, PreparedWeight):
+        return _is_replicated(value.values)
+    return not isinstance(value, MeshPagePool)
+
+
+def _one(value):
+    """A replicated mesh value as one chip's value."""
+    if isinstance(value, torch.Tensor):
+        return value[0, 0]
+    if isinstance(value, list):
+        return [_one(v) for v in value]
+    if isinstance(value, PreparedWeight):
+        return PreparedWeight(value.values[0, 0], value.parts, value.multiplier)
+    return value
+
+
+def _pick(value, i: int, j: int):
+    """Chip (i, j)'s value of a mesh value (a view: in-place writes reach the stack)."""
+    if isinstance(value, torch.Tensor):
+        return value[i if value.shape[0] > 1 else 0, j if value.shape[1] > 1 else 0]
+    if isinstance(value, list):
+        return [_pick(v, i, j) for v in value]
+    if isinstance(value, PreparedWeight):
+        return PreparedWeight(_pick(value.values, i, j), value.parts, value.multiplier)
+    if isinstance(value, MeshPagePool):
+        raise TypeError("a paged cache reached an op without a batched implementation")
+    return value
+
+
+def _lead_of(values) -> tuple[int, int]:
+    rows = cols = 1
+    for v in values:
+        if isinstance(v, list):
+            r, c = _lead_of(v)
+        elif isinstance(v, PreparedWeight):
+            r, c = v.values.shape[:LEAD]
+        elif isinstance(v, (torch.Tensor, MeshPagePool)):
+            r, c = (v.lead if isinstance(v, MeshPagePool) else v.shape[:LEAD])
+        else:
+            continue
+        rows, cols = max(rows, r), max(cols, c)
+    return rows, cols
+
+
+def stack(result, lead):
+    """Per-chip results (row-major list over `lead`) as one mesh value."""
+    first = result[0]
+    if first is None:
+        return None
+    if isinstance(first, (list, tuple)):
+        return [stack([r[k] for r in result], lead) for k in range(len(first))]
+    return torch.stack(result).reshape(*lead, *first.shape)
+
+
+def per_chip(impl, args, kwargs):
+    """The op on every chip in turn, results stacked."""
+    lead = _lead_of(list(args) + list(kwargs.values()))
+    results = [impl(*[_pick(a, i, j) for a in args], **{k: _pick(v, i, j) for k, v in kwargs.items()})
+               for i in range(lead[0]) for j in range(lead[1])]
+    return stack(results, lead)
+
+
+def run(steps, env: dict, scalars: dict, round_to) -> int:
+    """Run prepared steps (backend._Step) on mesh values in `env`; `round_to(value, dtype)`
+    rounds results to their device dtype. Returns the number of collectives run."""
+    collectives = 0
+    for step in steps:
+        bound = step.bound
+        args = list(bound.args)
+        for i, name in bound.tensor_args:
+            args[i] = [env[n] for n in name] if isinstance(name, list) else env[name]
+        for i, template in bound.scalar_args:
+            args[i] = resolve_scalar(template, scalars)
+        kwargs = dict(bound.kwargs)
+        for key, name in bound.tensor_kwargs:
+            kwargs[key] = env[name]
+        for key, template in bound.scalar_kwargs:
+            kwargs[key] = resolve_scalar(template, scalars)
+        name = step.op.op
+        if step.collective:
+            result = MESH_COLLECTIVES[name](*args, **kwargs)
+            collectives += 1
+        elif all(_is_replicated(args[i]) for i, _ in bound.tensor_args) and \
+                all(_is_replicated(kwargs[k]) for k, _ in bound.tensor_kwargs):
+            result = step.impl(*[_one(a) for a in args], **{k: _one(v) for k, v in kwargs.items()})
+            result = _as_mesh(result)
+        else:
+            adapter = BATCHED.get(name)
+            result = adapter(step.impl, *args, **kwargs) if adapter else per_chip(step.impl, args, kwargs)
+        if not step.out:
+            continue
+        results = result if len(step.out) > 1 else [result]
+        for out, dtype, r in zip(step.out, step.out_dtypes, results):
+            env[out] = round_to(r, dtype)
+    return collectives
+
+
+def _as_mesh(result):
+    if result is None:
+        return None
+    if isinstance(result, (list, tuple)):
+        return [r[None, None] for r in result]
+    return result[None, None]
+
+
+# ---------------------------------------------------------------- batched adapters
+# Each takes the per-chip implementation first (for a fallback), then the op's arguments
+# as mesh values, and returns mesh values.
+@batched("ttnn.typecast", "ttnn.to_memory_config", "ttnn.to_layout", "ttnn.add", "ttnn.mul", "ttnn.silu",
+         "ttnn.gelu")
+def _elementwise(impl, *args, **kwargs):
+    """Ops that read only trailing dimensions (elementwise, last-dim maths): unchanged."""
+    return impl(*args, **kwargs)
+
+
+@batched("ttnn.experimental.rotary_embedding_llama")
+def _rotary(impl, x, cos, sin, trans_mat, **kwargs):
+    if not _is_replicated(trans_mat):
+        return per_chip(impl, (x, cos, sin, trans_mat), kwargs)
+    return impl(x, cos, sin, trans_mat[0, 0], **kwargs)
+
+
+@batched("ttnn.rms_norm")
+def _rms_norm(impl, x, *args, weight=None, **kwargs):
+    if weight is not None and not _is_replicated(weight):
+        return per_chip(impl, (x, *args), dict(kwargs, weight=weight))
+    return impl(x, *args, weight=None if weight is None else weight[0, 0], **kwargs)
+
+
+@batched("ttnn.unsqueeze_to_4D")
+def _unsqueeze(impl, t):
+    return t.reshape(*t.shape[:LEAD], *(1,) * (4 + LEAD - t.dim()), *t.shape[LEAD:])
+
+
+@batched("ttnn.transpose")
+def _transpose(impl, t, dim1, dim2, memory_config=None):
+    return t.transpose(_d(dim1), _d(dim2))
+
+
+@batched("ttnn.reshape")
+def _reshape(impl, t, shape, memory_config=None):
+    return t.reshape(*t.shape[:LEAD], *shape)
+
+
+@batched("ttnn.slice")
+def _slice(impl, t, slice_start, slice_end, memory_config=None):
+    return t[(slice(None),) * LEAD + tuple(slice(s, e) for s, e in zip(slice_start, slice_end))]
+
+
+def _split_qkv(x, num_heads, num_kv_heads):
+    head_dim = x.shape[-1] // (num_heads + 2 * num_kv_heads)
+    q_end, k_end = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    lead, rows = x.shape[:LEAD], x.shape[-2]
+    return [x[..., a:b].reshape(*lead, 1, rows, n, head_dim)
+            for a, b, n in ((0, q_end, num_heads), (q_end, k_end, num_kv_heads),
+                            (k_end, x.shape[-1], num_kv_heads))]
+
+
+@batched("ttnn.experimental.nlp_create_qkv_heads_decode")
+def _qkv_heads_decode(impl, x, num_heads, num_kv_heads, memory_config=None):
+    return _split_qkv(x, num_heads, num_kv_heads)
+
+
+@batched("ttnn.experimental.nlp_create_qkv_heads")
+def _qkv_heads(impl, x, num_heads, num_kv_heads, transpose_k_heads=True, memory_config=None):
+    q, k, v = (t.transpose(-3, -2) for t in _split_qkv(x, num_heads, num_kv_heads))
+    return [q, k.transpose(-2, -1) if transpose_k_heads else k, v]
+
+
+@batched("ttnn.experimental.nlp_concat_heads_decode")
+def _concat_heads_decode(impl, x, num_heads=None, memory_config=None):
+    batch, head_dim = x.shape[-3], x.shape[-1]
+    return x[..., :num_heads, :].reshape(*x.shape[:LEAD], 1, 1, batch, num_heads * head_dim)
+
+
+@batched("ttnn.experimental.nlp_concat_heads")
+def _concat_heads(impl, x, memory_config=None):
+    heads, rows, head_dim = x.shape[-3:]
+    return x.transpose(-3, -2).reshape(*x.shape[:LEAD], 1, 1, rows, heads * head_dim)
+
+
+@batched("ttnn.linear")
+def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_kernel_config=None,
+            activation=None):
+    """fidelity.linear with each chip's prepared weight: the same float64 products and
+    sums (exact, so independent of how the GEMM is batched) and the same rounding."""
+    kw = dict(bias=bias, dtype=dtype, compute_kernel_config=compute_kernel_config)
+    if isinstance(weight, PreparedWeight) and _is_replicated(weight) and (bias is None or _is_replicated(bias)):
+        return impl(a, _one(weight), bias=None if bias is None else bias[0, 0], dtype=dtype,
+                    compute_kernel_config=compute_kernel_config)
+    if not isinstance(weight, PreparedWeight) or (bias is not None and not _is_replicated(bias)):
+        return per_chip(impl, (a, weight), kw)
+    multiplier = weight.multiplier
+    act = fidelity._activation(a, weight.parts, multiplier)
+    values = weight.values
+    values = values.reshape(*values.shape[:LEAD], *(1,) * (act.dim() - LEAD - 2), *values.shape[-2:])
+    acc = torch.matmul(act, values.transpose(-1, -2))
+    if bias is not None:
+        acc = acc + bias[0, 0].reshape(-1).to(torch.float64)
+    dst = acc.to(torch.float32)
+    if dtype != "bfloat16":
+        return dst
+    return fidelity.to_bfloat16(dst) if multiplier.fidelity else dst.to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------- paged caches
+def _host(value):
+    """A host input (page table, positions): the same on every chip."""
+    if not _is_replicated(value):
+        raise ValueError("a page table or position tensor differs between chips")
+    return value[0, 0]
+
+
+def _expand(t: torch.Tensor, lead) -> torch.Tensor:
+    return t.expand(*lead, *t.shape[LEAD:])
+
+
+@batched("ttnn.experimental.paged_update_cache")
+def _paged_update(impl, cache, x, update_idxs_tensor=None, page_table=None, cache_dtype="bfloat16"):
+    if not isinstance(cache, MeshPagePool) or page_table is None:
+        return per_chip(impl, (cache, x), dict(update_idxs_tensor=update_idxs_tensor, page_table=page_table,
+                                               cache_dtype=cache_dtype))
+    positions, table = _host(update_idxs_tensor).long(), _host(page_table)
+    rows = _expand(ops.quantize_like(x[:, :, 0], cache_dtype), cache.lead)  # [*lead, B, Hkv, hd]
+    users, blocks, offsets = ops._paged_users(table, positions, cache.block_size)
+    if users.numel():
+        cache.write_rows(blocks, offsets, rows[:, :, users])
+
+
+@batched("ttnn.experimental.paged_fill_cache")
+def _paged_fill(impl, cache, x, page_table, batch_idx=0, cache_dtype="bfloat16"):
+    if not isinstance(cache, MeshPagePool):
+        return per_chip(impl, (cache, x, page_table), dict(batch_idx=batch_idx, cache_dtype=cache_dtype))
+    bs = cache.block_size
+    blocks = _host(page_table)[batch_idx].long()
+    heads, head_dim = x.shape[-3], x.shape[-1]
+    rows = x[:, :, 0].reshape(*x.shape[:LEAD], heads, -1, bs, head_dim).transpose(2, 3)  # [*lead, n, Hkv, bs, hd]
+    cache.write_blocks(blocks, _expand(rows[:, :, : len(blocks)], cache.lead).to(cache.dtype))
+
+
+class _Folded:
+    """A MeshPagePool seen by ops.py's gathers as one chip's cache whose users are the
+    chips' users in row-major chip order: `cache[table]` -> [chips * users, n, Hkv, bs, hd]."""
+
+    def __init__(self, pool: MeshPagePool, lead):
+        self.pool, self.lead = pool, lead
+        self.shape, self.dtype = pool.shape, pool.dtype
+
+    def __getitem__(self, blocks):
+        got = self.pool.gather(blocks)  # [*lead, users, n, Hkv, bs, hd]
+        got = _expand(got, self.lead)
+        return got.reshape(-1, *got.shape[LEAD + 1:])
+
+
+def _fold(q: torch.Tensor, lead, batch_dim: int) -> torch.Tensor:
+    """q [*lead, *shape] -> one chip's shape whose dimension `batch_dim` holds the chips'
+    entries in row-major chip order (as _Folded lays out their users)."""
+    q = _expand(q, lead).reshape(-1, *q.shape[LEAD:])
+    return q.movedim(0, batch_dim).flatten(batch_dim, batch_dim + 1)
+
+
+def _unfold(out: torch.Tensor, lead, batch_dim: int) -> torch.Tensor:
+    """_fold's inverse for an op's result."""
+    out = out.unflatten(batch_dim, (lead[0] * lead[1], -1)).movedim(batch_dim, 0)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+@batched("ttnn.transformer.paged_scaled_dot_product_attention_decode")
+def _paged_decode(impl, q, k_cache, v_cache, page_table_tensor=None, cur_pos_tensor=None, **kwargs):
+    if not isinstance(k_cache, MeshPagePool):
+        return per_chip(impl, (q, k_cache, v_cache), dict(kwargs, page_table_tensor=page_table_tensor,
+                                                          cur_pos_tensor=cur_pos_tensor))
+    lead = _lead_of([q, k_cache, v_cache])
+    chips = lead[0] * lead[1]
+    positions = _host(cur_pos_tensor)
+    out = impl(_fold(q, lead, 1), _Folded(k_cache, lead), _Folded(v_cache, lead),
+               page_table_tensor=_host(page_table_tensor), cur_pos_tensor=positions.repeat(chips), **kwargs)
+    return _unfold(out, lead, 1)
+
+
+@batched("ttnn.transformer.chunked_scaled_dot_product_attention")
+def _chunked(impl, q, k_cache, v_cache, page_table_tensor, chunk_start_idx, **kwargs):
+    if not isinstance(k_cache, MeshPagePool):
+        return per_chip(impl, (q, k_cache, v_cache, page_table_tensor, chunk_start_idx), kwargs)
+    lead = _lead_of([q, k_cache, v_cache])
+    out = impl(_fold(q, lead, 0), _Folded(k_cache, lead), _Folded(v_cache, lead), _host(page_table_tensor)[:1],
+               chunk_start_idx, **kwargs)
+    return _unfold(out, lead, 0)
+
+
+# ---------------------------------------------------------------- collectives
+def _parts(x: torch.Tensor, axis: int, size: int) -> list[torch.Tensor]:
+    """The group members along mesh `axis`, in order (a replicated axis: the same tensor)."""
+    if x.shape[axis] == 1:
+        return [x] * size
+    return [x.narrow(axis, i, 1) for i in range(size)]
+
+
+def _collective(name):
+    def register(fn):
+        MESH_COLLECTIVES[name] = fn
+        return fn
+    return register
+
+
+@_collective("ttnn.all_reduce")
+def _all_reduce(x, *, mesh_shape, cluster_axis=0, num_links=1, memory_config=None, topology=None):
+    return sum(p.float() for p in _parts(x, cluster_axis, mesh_shape[cluster_axis]))  # ops.all_reduce's order
+
+
+@_collective("ttnn.all_gather")
+def _all_gather(x, dim, *, mesh_shape, cluster_axis=0, num_links=1, memory_config=None, topology=None):
+    return torch.cat(_parts(x, cluster_axis, mesh_shape[cluster_axis]), dim=_d(dim))
+
+
+# ---------------------------------------------------------------- building mesh values
+def stack_pieces(pieces: list, mesh_shape) -> torch.Tensor:
+    """A per-chip list (row-major) as one mesh value, keeping a leading dimension of 1
+    along each mesh axis whose chips hold the very same object (no copy when all do)."""
+    rows, cols = mesh_shape
+    if all(p is pieces[0] for p in pieces):
+        return pieces[0][None, None]
+    if all(pieces[r * cols + c] is pieces[c] for r in range(rows) for c in range(cols)):
+        return torch.stack(pieces[:cols])[None]
+    if all(pieces[r * cols + c] is pieces[r * cols] for r in range(rows) for c in range(cols)):
+        return torch.stack([pieces[r * cols] for r in range(rows)])[:, None]
+    return torch.stack(pieces).reshape(rows, cols, *pieces[0].shape)
+
+
+def stack_weight(pieces: list, mesh_shape):
+    """stack_pieces for tensors or fidelity.PreparedWeight pieces."""
+    if isinstance(pieces[0], PreparedWeight):
+        first = pieces[0]
+        by_id = {id(p): p.values for p in pieces}
+        return PreparedWeight(stack_pieces([by_id[id(p)] for p in pieces], mesh_shape), first.parts, first.multiplier)
+    return stack_pieces(pieces, mesh_shape)
+
+
+def chip_views(value, mesh_shape) -> list:
+    """A mesh value as the per-chip list (views into it)."""
+    rows, cols = mesh_shape
+    return [_pick(value, r, c) for r in range(rows) for c in range(cols)]
