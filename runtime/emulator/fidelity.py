@@ -185,12 +185,24 @@ FACE = 16  # K values one MVMUL consumes
 K_TILE = 32
 
 
-def _fp32_dest_product(x, weight: PreparedWeight, bias) -> torch.Tensor:
-    """Exact products summed in float64 (bias included), rounded once to the float32 Dst."""
-    acc = torch.nn.functional.linear(_activation(x, weight.parts, weight.multiplier), weight.values)
+def fp32_dst(acc: torch.Tensor, bias) -> torch.Tensor:
+    """A float64 sum of exact products, bias added, rounded once to the float32 Dst."""
     if bias is not None:
         acc = acc + bias.reshape(-1).to(torch.float64)
     return acc.to(torch.float32)
+
+
+def pack(dst: torch.Tensor, dtype: str | None, multiplier: Multiplier) -> torch.Tensor:
+    """Dst as the packer writes the output dtype: bfloat16 rounded ties away (to nearest
+    even without fidelity emulation), float32 otherwise (block floats: the executor)."""
+    if dtype != "bfloat16":
+        return dst
+    return to_bfloat16(dst) if multiplier.fidelity else dst.to(torch.bfloat16)
+
+
+def _fp32_dest_product(x, weight: PreparedWeight, bias) -> torch.Tensor:
+    """Exact products summed in float64 (bias included), rounded once to the float32 Dst."""
+    return fp32_dst(torch.nn.functional.linear(_activation(x, weight.parts, weight.multiplier), weight.values), bias)
 
 
 def _bf16_dest_product(x, w_nk, bias, multiplier: Multiplier) -> torch.Tensor:
@@ -227,6 +239,4 @@ def linear(x: torch.Tensor, weight, bias=None, dtype: str | None = None,
         dst = _fp32_dest_product(x, weight, bias)
     else:
         dst = _bf16_dest_product(x, weight, bias, multiplier)
-    if dtype != "bfloat16":
-        return dst
-    return to_bfloat16(dst) if multiplier.fidelity else dst.to(torch.bfloat16)
+    return pack(dst, dtype, multiplier)

@@ -242,12 +242,7 @@ def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_
     values = weight.values
     values = values.reshape(*values.shape[:LEAD], *(1,) * (act.dim() - LEAD - 2), *values.shape[-2:])
     acc = torch.matmul(act, values.transpose(-1, -2))
-    if bias is not None:
-        acc = acc + bias[0, 0].reshape(-1).to(torch.float64)
-    dst = acc.to(torch.float32)
-    if dtype != "bfloat16":
-        return dst
-    return fidelity.to_bfloat16(dst) if multiplier.fidelity else dst.to(torch.bfloat16)
+    return fidelity.pack(fidelity.fp32_dst(acc, None if bias is None else bias[0, 0]), dtype, multiplier)
 
 
 # ---------------------------------------------------------------- paged caches
