@@ -165,3 +165,19 @@ def tensor_refs(op: Op) -> list[str]:
     refs = [tensor_name(a) for a in op.args if is_tensor_ref(a)]
     refs += [tensor_name(v) for v in op.kwargs.values() if is_tensor_ref(v)]
     return refs
+
+
+def is_ref_list(value) -> bool:
+    """A list of tensor references (ttnn.concat's tensors)."""
+    return isinstance(value, list) and bool(value) and all(is_tensor_ref(v) for v in value)
+
+
+def op_tensor_refs(op: Op) -> list[tuple[str, str]]:
+    """(parameter name, tensor name) of every tensor an op reads, each one of a list too;
+    positional arguments are named by the op table (lowering/optable.py)."""
+    from .optable import OPS
+
+    params = OPS[op.op].params if op.op in OPS else ()
+    named = [(params[i] if i < len(params) else str(i), a) for i, a in enumerate(op.args)] + list(op.kwargs.items())
+    return [(param, tensor_name(r)) for param, a in named
+            for r in (a if is_ref_list(a) else [a] if is_tensor_ref(a) else [])]

@@ -36,9 +36,8 @@ import numpy as np  # noqa: E402
 
 import runtime  # noqa: E402
 from runtime.session import read_artifact  # noqa: E402
-from runtime.ttnn_backend import placement as placement_  # noqa: E402
 from runtime.ttnn_backend import weight_files  # noqa: E402
-from runtime.ttnn_backend.ops import PER_USER, TILE_ROW, describe_memory  # noqa: E402
+from runtime.ttnn_backend.ops import describe_memory  # noqa: E402
 from runtime.ttnn_backend.weights import read_weights  # noqa: E402
 
 
@@ -67,13 +66,7 @@ def check_files(backend, weights_dir: Path) -> int:
     checked = 0
     for name, spec in backend.program.weights.items():
         for t in backend.weight_tensors(name, spec):
-            array = np.asarray(weights[name], np.float32)
-            if t["kind"] == PER_USER:
-                array = np.tile(array, [1] * (array.ndim - 2) + [backend.decode_users, 1])
-            elif t["kind"] == TILE_ROW:
-                array = array.reshape(t["shape"])
-            fresh = placement_.host_tensor(ttnn, array, t["dtype"], t["layout"], t["placement"],
-                                           backend.program.mesh_shape)
+            fresh = backend.host_conversion(t, weights[name])
             stored = ttnn.load_tensor(entry.path / manifest[t["name"]]["file"])
             a, b = chip_arrays(ttnn, fresh), chip_arrays(ttnn, stored)
             if len(a) != len(b) or not all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b)):
