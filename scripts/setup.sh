@@ -26,7 +26,7 @@ fi
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-if ! .venv/bin/python -c 'import compiler, transformers, gguf, pytest, fastapi, uvicorn, prometheus_client, openai' 2>/dev/null \
+if ! .venv/bin/python -c 'import compiler, transformers, gguf, pytest, xdist, fastapi, uvicorn, prometheus_client, openai' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.ttcompile-installed ]; then
   .venv/bin/python -m pip install -q -e ".[compiler,test,serve]"
   touch .venv/.ttcompile-installed

@@ -8,12 +8,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker gets its share of the cores for torch's threads (two
+    workers with two threads each on two cores spend their time waiting on each other).
+    Set before any test imports torch; subprocesses the tests start inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        os.environ.setdefault("MKL_NUM_THREADS", threads)
+
+
+# Tests whose recorded time (tests/durations.json, scripts/update_durations.py) reaches this
+# are marked slow: the fast subset leaves them out. Tests not recorded count as fast.
+SLOW_SECONDS = 2.0
+DURATIONS = Path(__file__).resolve().parent / "durations.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests recorded as slow, and order the test files longest first (so that the
+    xdist workers, given whole files in this order, finish at about the same time)."""
+    recorded = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    file_seconds: dict[str, float] = {}
+    for item in items:
+        seconds = recorded.get(item.nodeid, 0.0)
+        if seconds >= SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
+        path = item.nodeid.split("::")[0]
+        file_seconds[path] = file_seconds.get(path, 0.0) + seconds
+    order = {path: i for i, path in enumerate(sorted(file_seconds, key=lambda p: -file_seconds[p]))}
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])  # stable: a file's tests keep their order
 
 
 def _flags(options: dict) -> list[str]:

@@ -132,7 +132,8 @@ def test_stop_strings_and_seeds(server, client):
     (b'{"model": "serve-llama", "prompt": "hi", "temperature": [1]}', "temperature"),
 ])
 def test_bad_completions_get_400(server, body, param):
-    response = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    response = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"},
+                          timeout=120)
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
@@ -257,7 +258,8 @@ def test_ttserve_command(program):
         assert re.search(rf"serving serve-llama \(4 decode slots, 20 KV blocks\) at http://127.0.0.1:{port}", banner)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(url + "/health").status_code == 200)
-        answer = httpx.post(url + "/v1/completions", json={"model": "serve-llama", "prompt": "Hi", "max_tokens": 2})
+        answer = httpx.post(url + "/v1/completions", json={"model": "serve-llama", "prompt": "Hi", "max_tokens": 2},
+                            timeout=120)  # a loaded machine: the first request waits for the load
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
     finally:
         process.send_signal(signal.SIGTERM)
