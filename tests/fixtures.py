@@ -94,3 +94,24 @@ def pcc(a, b) -> float:
     a, b = torch.as_tensor(a).double().flatten(), torch.as_tensor(b).double().flatten()
     a, b = a - a.mean(), b - b.mean()
     return float((a @ b) / (a.norm() * b.norm()))
+
+
+def random_mllama(text: dict, vision: dict, image_token: int, gates: tuple[float, float] | None = (0.4, 1.2)):
+    """A tiny HF Llama 3.2 Vision (MllamaForConditionalGeneration) with random weights, seed 0:
+    matrices N(0, 0.08), vectors N(0, 0.3), norm weights around 1, and the scalar tanh gates
+    uniform in `gates` (open, and not all alike; None: left random like the vectors)."""
+    import re
+
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(MllamaConfig(text_config=text, vision_config=vision,
+                                                        image_token_index=image_token)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.08 if p.dim() > 1 else 0.3)
+            if re.search(r"norm\.weight$", name):
+                p.add_(1.0)
+            if gates is not None and p.numel() == 1:
+                p.uniform_(*gates)
+    return model

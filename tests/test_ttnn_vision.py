@@ -24,7 +24,6 @@ see ops per function and replay times.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -49,19 +48,9 @@ ZERO_ROW = 0  # the slot runtime/image_slots.py clears for a user without an ima
 @pytest.fixture(scope="module")
 def tiny_mllama(tmp_path_factory) -> Path:
     """A tiny random HF Llama 3.2 Vision checkpoint (as tests/test_vision_ref.py builds it)."""
-    import torch
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from fixtures import random_mllama
 
-    torch.manual_seed(0)
-    model = MllamaForConditionalGeneration(MllamaConfig(text_config=TEXT, vision_config=VISION,
-                                                        image_token_index=TEXT["vocab_size"])).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.08 if p.dim() > 1 else 0.3)
-            if re.search(r"norm\.weight$", name):
-                p.add_(1.0)
-            if p.numel() == 1:  # tanh gates: open, and not all alike
-                p.uniform_(0.4, 1.2)
+    model = random_mllama(TEXT, VISION, TEXT["vocab_size"])
     path = tmp_path_factory.mktemp("tiny-mllama-ttnn")
     model.save_pretrained(path)
     return path

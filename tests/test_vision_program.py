@@ -43,16 +43,9 @@ def photo(crop=(0, 0, 400, 200)):
 
 @pytest.fixture(scope="module")
 def mllama(tmp_path_factory):
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from fixtures import random_mllama
 
-    torch.manual_seed(0)
-    model = MllamaForConditionalGeneration(MllamaConfig(text_config=TEXT, vision_config=VISION,
-                                                        image_token_index=IMAGE)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.08 if p.dim() > 1 else 0.3)
-            if re.search(r"norm\.weight$", name):
-                p.add_(1.0)
+    model = random_mllama(TEXT, VISION, IMAGE, gates=None)
     path = tmp_path_factory.mktemp("tiny-mllama-vision")
     model.save_pretrained(path)
     return path, model

@@ -13,13 +13,12 @@ Weights are loaded through models_ref/vision_names.py, so the table is tested to
 """
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 import torch.fx
 
-from fixtures import pcc
+from fixtures import pcc, random_mllama
 from models_ref import vision_names
 from models_ref.config import ModelConfig
 from models_ref.cross_attention import (CrossAttentionBlock, CrossAttentionCacheFill, cross_attention_masks,
@@ -48,19 +47,7 @@ def sample_photo(name="grace_hopper.jpg"):
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = MllamaConfig(text_config=TEXT, vision_config=VISION, image_token_index=IMAGE_TOKEN)
-    model = MllamaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.08 if p.dim() > 1 else 0.3)
-            if re.search(r"norm\.weight$", name):
-                p.add_(1.0)
-            if p.numel() == 1:  # tanh gates: open, and not all alike
-                p.uniform_(0.4, 1.2)
-    return model
+    return random_mllama(TEXT, VISION, IMAGE_TOKEN)
 
 
 @pytest.fixture(scope="module")
