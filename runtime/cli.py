@@ -8,10 +8,15 @@
     ttrun accuracy --program OUT --reference MODEL_DIR [--text FILE] [--tokens N]
                                     teacher-forced top-1/top-5 and logits PCC against HF
                                     (runtime/accuracy.py)
+    ttrun ... --ranks N             the emulator's chips as N processes on this machine
+                                    (runtime/emulator/ranks.py); under torchrun, every
+                                    process it starts is a rank (its RANK, WORLD_SIZE, ...)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 
@@ -44,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stop-at-eos", action="store_true")
     p.add_argument("--no-instruct", action="store_true", help="do not apply the chat template")
+    p.add_argument("--ranks", type=int, metavar="N",
+                   help="emulator: run the chips as N processes (torch.distributed ranks) on this machine; "
+                        "N must cut the program's mesh into equal blocks (under torchrun: its ranks)")
     return p
 
 
@@ -76,7 +84,7 @@ def _accuracy(args) -> int:
         content = plain_text(text.read_text())
     except OSError as e:
         raise ValueError(f"--text {text}: cannot read ({e.strerror or e})") from None
-    session = runtime.load(args.program, backend=args.backend, matmul=args.matmul)
+    session = runtime.load(args.program, backend=args.backend, matmul=args.matmul, ranks=args.group)
     print(measure(session, Path(args.reference), content, args.tokens).table())
     return 0
 
@@ -93,7 +101,9 @@ def _run(args) -> int:
     start = time.perf_counter()
     program = _compile(args, preset) if args.model else args.program
     compile_s = time.perf_counter() - start if args.model else 0.0
-    session = runtime.load(program, backend=args.backend, matmul=args.matmul)
+    session = runtime.load(program, backend=args.backend, matmul=args.matmul, ranks=args.group)
+    if args.group is not None and args.seed is None:  # every rank must draw the same samples
+        args.seed = args.group.shared_seed()
     session.stats.compile_s = compile_s  # reported with the load and warm-up
     instruct = not args.no_instruct and session.tokenizer.has_chat_template
     if args.preset == "prompt":
@@ -140,17 +150,64 @@ def _generate_with_progress(session, prompts, keywords):
         return session.generate(prompts, on_token=lambda user, token: bar.update(1), **keywords)
 
 
+def _launch(args, argv) -> int:
+    """`--ranks N` outside torchrun: check the program takes N ranks, then start them."""
+    from .emulator.launch import launch
+    from .emulator.ranks import RankLayout
+    from .session import read_artifact
+
+    if args.backend != "emulator" or not args.program or args.model:
+        raise ValueError("--ranks runs the emulator on a compiled program: give --program OUT (not --model)")
+    program, _ = read_artifact(args.program)
+    if program.replicas:
+        raise ValueError("--ranks does not run data-parallel programs (compiled with --data-parallel)")
+    RankLayout.of(program.mesh_shape, args.ranks)
+    return launch([sys.executable, "-m", "runtime.cli", *argv], args.ranks)
+
+
+def _as_rank(args, config) -> int:
+    """Run as one rank of the group `config` describes; only rank 0 prints."""
+    from .emulator.ranks import RankGroup
+
+    if args.ranks not in (None, config.world_size):
+        raise ValueError(f"--ranks {args.ranks} but this process is one of {config.world_size} (WORLD_SIZE)")
+    args.group = RankGroup(config)
+    try:
+        if args.group.rank == 0:
+            return _run(args)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            return _run(args)
+    finally:
+        args.group.close()
+
+
 def main(argv=None) -> int:
     from compiler.errors import EXIT_USER, missing_dependency
 
+    from .emulator.ranks import RankConfig, RankFailure
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(argv)  # prompt texts may follow the options
+    args.group = None
     try:
+        if args.ranks is not None and args.ranks < 1:
+            raise ValueError(f"--ranks {args.ranks}: give a number of processes of at least 1")
+        config = RankConfig.from_env(os.environ)  # set by torchrun or by _launch
+        if config is not None:
+            return _as_rank(args, config)
+        if args.ranks and args.ranks > 1:
+            return _launch(args, argv)
         return _run(args)
+    except RankFailure as e:  # another rank died: say so once (the lowest surviving rank)
+        if e.report:
+            print(f"ttrun: error: {e}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as e:  # the user's environment, not a crash
         print(f"ttrun: error: {missing_dependency(e, 'ttrun')}", file=sys.stderr)
         return EXIT_USER
     except ValueError as e:
-        print(f"ttrun: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        if args.group is None or args.group.rank == 0:  # every rank meets the same bad input
+            print(f"ttrun: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         return 130

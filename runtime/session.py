@@ -42,7 +42,7 @@ def read_artifact(path: str | Path) -> tuple[Program, dict]:
 
 
 def make_backend(program: Program, manifest: dict, backend: str, system: str | None = None,
-                 matmul: str = "device"):
+                 matmul: str = "device", ranks=None):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
     if matmul not in MATMULS:
@@ -54,6 +54,8 @@ def make_backend(program: Program, manifest: dict, backend: str, system: str | N
         raise ArtifactError("this artifact was compiled with --no-weights; it cannot run")
     if not (Path(weights_dir) / "index.json").exists():
         raise ArtifactError(f"converted weights missing at {weights_dir}; run ttcompile again")
+    if ranks is not None and (backend != "emulator" or program.replicas):
+        raise ValueError("ranks run the emulator on programs without data-parallel replicas")
     if program.replicas:  # data parallel: a replica on each sub-mesh (runtime/replicas.py)
         if backend == "emulator":
             from .replicas import open_emulator
@@ -62,7 +64,8 @@ def make_backend(program: Program, manifest: dict, backend: str, system: str | N
         return open_replicas(program, Path(weights_dir))
     if backend == "emulator":
         from .emulator.backend import EmulatorBackend
-        return EmulatorBackend(program, Path(weights_dir), system=system, emulate_fidelity=MATMULS[matmul])
+        return EmulatorBackend(program, Path(weights_dir), system=system, emulate_fidelity=MATMULS[matmul],
+                               ranks=ranks)
     from .ttnn_backend import TtnnBackend  # noqa: F401 (the ttnn backend issue)
     return TtnnBackend(program, Path(weights_dir))
 
@@ -247,19 +250,20 @@ class Session:
 
 
 def load(path: str | Path, backend: str = "emulator", system: str | None = None,
-         warmup: bool | None = None, matmul: str = "device") -> Session:
+         warmup: bool | None = None, matmul: str = "device", ranks=None) -> Session:
     """Open an artifact on a backend. `system` names the machine the emulator pretends to
     be (a program for a smaller mesh runs on a sub-mesh of it, as FAKE_DEVICE does).
     `matmul` (emulator): "device" multiplies at each op's math fidelity as Wormhole's
     matrix unit does, "exact" with exact products (MATMULS).
     `warmup`: run every function once before returning (None: on the ttnn backend, whose
     first calls compile kernels; the emulator compiles nothing). Load and warm-up times
-    are in `Session.stats`."""
+    are in `Session.stats`. `ranks` (emulator): a runtime.emulator.ranks.RankGroup; this
+    process then holds and runs only its rank's block of the mesh."""
     import time
 
     start = time.perf_counter()
     program, manifest = read_artifact(path)
-    session = Session(Path(path), program, manifest, make_backend(program, manifest, backend, system, matmul))
+    session = Session(Path(path), program, manifest, make_backend(program, manifest, backend, system, matmul, ranks))
     _startup(session, time.perf_counter() - start, warmup)
     return session
 

@@ -6,6 +6,10 @@ converted-weight cache, split by their placement and rounded to their device dty
 at load (block floats through the shared numpy quantiser). Each function is prepared
 once into a list of steps with resolved argument getters, so a decode step is a tight
 loop over ops.
+
+With `ranks` (ranks.py: this process is one rank of a torch.distributed group) the
+backend holds only its rank's block of the mesh: those chips' weight shards (read alone
+from the cache, shards.py), KV pools and mesh values; collectives gather across ranks.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ from lowering.optable import OPS
 from lowering.program import Function, Program, is_tensor_ref, resolve_scalar, tensor_name
 
 from . import mesh
-from .fidelity import Multiplier, prepare_weight
+from .fidelity import Multiplier, PreparedWeight, prepare_weight
 from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES, quantize_like
 from .pools import MeshPagePool, PagePool
+from .ranks import RankLayout
+from .shards import WeightSource, chip_pieces, place, shard_index  # noqa: F401 (place, shard_index: imported from here)
 
 # Ops that reach a paged KV cache only through page tables: caches read by nothing else
 # are page pools (pools.py), with memory for the blocks written.
@@ -85,27 +91,6 @@ def _arg(value, tensors):
     return ("v", value)
 
 
-def shard_index(chip: int, mesh_shape, axes) -> int:
-    """Which piece of a tensor split over mesh `axes` chip `chip` holds."""
-    coords = divmod(chip, mesh_shape[1])
-    index = 0
-    for axis in axes:
-        index = index * mesh_shape[axis] + coords[axis]
-    return index
-
-
-def place(tensor: torch.Tensor, placement: dict | None, mesh_shape) -> list[torch.Tensor]:
-    """A global tensor as the per-chip list its placement describes."""
-    chips = mesh_shape[0] * mesh_shape[1]
-    if not placement or placement.get("dim") is None:
-        return [tensor] * chips
-    parts = 1
-    for axis in placement["axes"]:
-        parts *= mesh_shape[axis]
-    pieces = tensor.chunk(parts, dim=placement["dim"])
-    return [pieces[shard_index(c, mesh_shape, placement["axes"])].contiguous() for c in range(chips)]
-
-
 def matmul_operand(weight_kn: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
     """A `[K, N]` weight as the `[N, K]` operand F.linear wants, in the dtype its products
     are computed in (values unchanged: bfloat16 values are exact in float32). bfloat16
@@ -119,16 +104,24 @@ class EmulatorBackend:
     name = "emulator"
 
     def __init__(self, program: Program, weights_dir: Path | None, weights: dict | None = None,
-                 system: str | None = None, emulate_fidelity: bool = True, mesh_batched: bool = True):
+                 system: str | None = None, emulate_fidelity: bool = True, mesh_batched: bool = True,
+                 ranks=None):
         self.program = program
+        self.mesh_shape = tuple(program.mesh_shape)
+        self.chips = self.mesh_shape[0] * self.mesh_shape[1]
+        # ranks.RankGroup: this process holds one block of the mesh (`lead` chips, `held`).
+        self.ranks = ranks
+        self.layout = RankLayout.of(self.mesh_shape, ranks.world) if ranks else None
+        self.lead = self.layout.block if ranks else self.mesh_shape
+        self.held = self.layout.chips(ranks.rank) if ranks else list(range(self.chips))
+        if ranks and not mesh_batched:
+            raise ValueError("ranks run the batched mesh emulator only (mesh_batched=True)")
         # Meshes run with the chips as leading dimensions (mesh.py); False: chip by chip.
-        self.mesh_batched = mesh_batched and program.mesh_shape[0] * program.mesh_shape[1] > 1
+        self.mesh_batched = ranks is not None or (mesh_batched and self.chips > 1)
         # Matmuls as Wormhole's FPU computes them (runtime/emulator/fidelity.py); False:
         # exact products, the same deterministic float64 accumulation.
         self.emulate_fidelity = emulate_fidelity
         self.multiplier_weights: dict[str, list] = {}
-        self.mesh_shape = tuple(program.mesh_shape)
-        self.chips = self.mesh_shape[0] * self.mesh_shape[1]
         self.system = self._open_system(system)
         self.linear_weights = self._linear_weight_names(program)
         self.page_pools = self._page_pool_names(program)
@@ -142,6 +135,8 @@ class EmulatorBackend:
         self.ops_executed: Counter = Counter()
         self.collectives_executed: Counter = Counter()
         self.invocations: Counter = Counter()
+        if ranks:  # every rank loaded: the first collective waits on nobody's loading
+            ranks.barrier("loaded")
 
     def _open_system(self, system: str | None) -> str:
         """A program for a smaller mesh runs on a sub-mesh of a larger system (FAKE_DEVICE)."""
@@ -191,36 +186,29 @@ class EmulatorBackend:
         views of them, so nothing is held twice."""
         stacked = {}
         for name in list(self.program.weights) + list(self.multiplier_weights):
-            value = stacked[name] = mesh.stack_weight(self.env[name], self.mesh_shape)
+            value = stacked[name] = mesh.stack_weight(self.env[name], self.lead)
             if mesh._is_replicated(value):
                 continue
-            self.env[name] = mesh.chip_views(value, self.mesh_shape)
+            self.env[name] = mesh.chip_views(value, self.lead)
             if name in self.multiplier_weights:
                 self.multiplier_weights[name] = self.env[name]
         return stacked
 
     def _load_weights(self, weights_dir: Path | None, weights: dict | None) -> None:
-        from safetensors.torch import safe_open
-
-        if weights is None:
-            weights = {}
-            index = json.loads((Path(weights_dir) / "index.json").read_text())["weights"]
-            for shard in sorted(set(index.values())):
-                with safe_open(str(Path(weights_dir) / shard), framework="pt") as f:
-                    for key in f.keys():
-                        weights[key] = f.get_tensor(key)
-        for name, spec in self.program.weights.items():
-            if name not in weights:
-                raise EmulatorError(f"weight '{name}' is missing from the converted weights")
-            t = quantize_like(weights[name], spec["dtype"])
-            if name not in self.linear_weights:
-                # Norm weights, rope tables, biases, embeddings: ops read them in float32;
-                # widening once here (exactly) saves a conversion per op per step.
-                t = t.float()
-            pieces = place(t, spec.get("placement"), self.mesh_shape)
-            if name in self.linear_weights:
-                pieces = [matmul_operand(p, self.linear_weights[name]) for p in pieces]
-            self.env[name] = pieces
+        """The held chips' pieces of every weight (only those are read), as the ops read them."""
+        with WeightSource(weights_dir, weights) as source:
+            for name, spec in self.program.weights.items():
+                if name not in source:
+                    raise EmulatorError(f"weight '{name}' is missing from the converted weights")
+                pieces = chip_pieces(source, name, spec, self.mesh_shape, self.held)
+                by_id = {}
+                for p in pieces:
+                    if id(p) not in by_id:
+                        # Matmul operands [N, K]; norm weights, rope tables, biases, embeddings
+                        # widened to the float32 ops read them in (exactly, once).
+                        by_id[id(p)] = (matmul_operand(p, self.linear_weights[name]) if name in self.linear_weights
+                                        else p.float())
+                self.env[name] = [by_id[id(p)] for p in pieces]
 
     def another_replica(self) -> "EmulatorBackend":
         """A data-parallel replica of this backend (runtime/replicas.py): the same program
@@ -255,10 +243,10 @@ class EmulatorBackend:
             dtype = TORCH_DTYPES[spec.dtype]
             piece = self._chip_shape(spec)
             if name in self.page_pools:
-                self.env[name] = (MeshPagePool(self.mesh_shape, piece, dtype) if self.mesh_batched
+                self.env[name] = (MeshPagePool(self.lead, piece, dtype) if self.mesh_batched
                                   else [PagePool(piece, dtype) for _ in range(self.chips)])
             elif self.mesh_batched:
-                self.env[name] = torch.zeros(*self.mesh_shape, *piece, dtype=dtype)
+                self.env[name] = torch.zeros(*self.lead, *piece, dtype=dtype)
             else:
                 self.env[name] = [torch.zeros(piece, dtype=dtype) for _ in range(self.chips)]
 
@@ -338,7 +326,8 @@ class EmulatorBackend:
             if self.chips == 1:
                 self._run_one_chip(self.steps[fn_name], env, scalars)
             elif self.mesh_batched:
-                collectives = mesh.run(self.steps[fn_name], env, scalars, _as_device)
+                full_along = (lambda x, axis: self.ranks.full_along(x, axis, self.layout)) if self.ranks else None
+                collectives = mesh.run(self.steps[fn_name], env, scalars, _as_device, full_along)
             else:
                 # Per-chip ops are small: thread hand-offs would cost more than the maths.
                 threads = torch.get_num_threads()
@@ -350,6 +339,8 @@ class EmulatorBackend:
         self.ops_executed[fn_name] += len(self.steps[fn_name])
         self.collectives_executed[fn_name] += collectives
         self.invocations[fn_name] += 1
+        if self.ranks:  # every rank reads what chip 0 holds
+            return [self.ranks.host_value(env[o], self.layout).float().numpy() for o in fn.outputs]
         if self.mesh_batched:
             return [env[o][0, 0].float().numpy() for o in fn.outputs]
         return [env[o][0].float().numpy() for o in fn.outputs]
@@ -421,13 +412,33 @@ class EmulatorBackend:
         return collectives
 
     def chip_tensor(self, name: str, chip: int) -> torch.Tensor:
-        """What chip `chip` holds for a weight or state tensor (for tests and debugging)."""
-        held = self.env[name]
+        """What chip `chip` (global number) holds for a weight or state tensor (for tests
+        and debugging); with ranks, a chip of this rank."""
+        if chip not in self.held:
+            raise ValueError(f"chip {chip} is held by rank {self.layout.owner(chip)}, not this one")
+        held, local = self.env[name], self.held.index(chip)
         if isinstance(held, MeshPagePool):
-            return held.chip(divmod(chip, self.mesh_shape[1]))
+            return held.chip(divmod(local, self.lead[1]))
         if isinstance(held, torch.Tensor):  # a mesh value (mesh_batched)
-            return mesh.chip_views(held, self.mesh_shape)[chip]
+            return mesh.chip_views(held, self.lead)[local]
         return held[chip].dense() if isinstance(held[chip], PagePool) else held[chip]
+
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of weights this process holds (matmul operands included), split into
+        weights placed over the mesh ("sharded") and weights every chip holds whole."""
+        held, seen = {"sharded": 0, "replicated": 0}, set()
+        for name in list(self.program.weights) + list(self.multiplier_weights):
+            base = name.split("#")[0]
+            placement = self.program.weights[base].get("placement") or {}
+            kind = "replicated" if placement.get("dim") is None else "sharded"
+            for piece in self.env[name]:
+                t = piece.values if isinstance(piece, PreparedWeight) else piece
+                key = (t.untyped_storage().data_ptr(), t.storage_offset())
+                if key not in seen:
+                    seen.add(key)
+                    held[kind] += t.numel() * t.element_size()
+        return held
 
 
 def _replicated(step, env) -> bool:

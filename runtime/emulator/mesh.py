@@ -11,6 +11,10 @@ Collectives are reductions and concatenations over the leading dimensions, summi
 the order the per-chip emulator does, so results are bit for bit the same.
 
 Paged KV caches are MeshPagePool (pools.py): memory for the blocks written only.
+
+Spread over processes (ranks.py), a process's mesh values hold only its block of the
+leading dimensions; `run`'s `full_along` gives a collective's input the whole stack
+along the collective's axis, so the collectives here run unchanged.
 """
 from __future__ import annotations
 
@@ -107,9 +111,11 @@ def per_chip(impl, args, kwargs):
     return stack(results, lead)
 
 
-def run(steps, env: dict, scalars: dict, round_to) -> int:
+def run(steps, env: dict, scalars: dict, round_to, full_along=None) -> int:
     """Run prepared steps (backend._Step) on mesh values in `env`; `round_to(value, dtype)`
-    rounds results to their device dtype. Returns the number of collectives run."""
+    rounds results to their device dtype; `full_along(value, axis)` (ranks: a block of
+    the mesh per process) the whole stack along a collective's axis. Returns the number
+    of collectives run."""
     collectives = 0
     for step in steps:
         bound = step.bound
@@ -125,6 +131,8 @@ def run(steps, env: dict, scalars: dict, round_to) -> int:
             kwargs[key] = resolve_scalar(template, scalars)
         name = step.op.op
         if step.collective:
+            if full_along is not None:
+                args[0] = full_along(args[0], kwargs.get("cluster_axis", 0))
             result = MESH_COLLECTIVES[name](*args, **kwargs)
             collectives += 1
         elif all(_is_replicated(args[i]) for i, _ in bound.tensor_args) and \
