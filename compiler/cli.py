@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import EXIT_INTERNAL, EXIT_USER, InternalCompilerError, missing_dependency
@@ -84,10 +86,29 @@ def options_from_args(args, environ=os.environ) -> CompileOptions:
     return apply_env(options, environ, explicit)
 
 
+@contextmanager
+def _frozen_imports():
+    """Imports made in here (torch's, mostly) with the collector paused, then frozen
+    (gc.freeze): module-level objects live as long as the process, and each full
+    collection during a compile, and the one at exit, would walk torch's quarter of a
+    million objects again (0.4 s of a 70B weight-free compile). Only in a process that has
+    not imported torch yet: an in-process caller (tests) that holds it is left alone."""
+    fresh = "torch" not in sys.modules and gc.isenabled()
+    if fresh:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if fresh:
+            gc.freeze()
+            gc.enable()
+
+
 def _run(args) -> int:
-    from . import artifact
-    from .driver import compile_model
-    from .pipeline import PASS_NAMES, Observer
+    with _frozen_imports():
+        from . import artifact
+        from .driver import compile_model
+        from .pipeline import PASS_NAMES, Observer
 
     options = options_from_args(args)
     unknown = set(args.print_after) - set(PASS_NAMES)

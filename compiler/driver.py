@@ -58,12 +58,12 @@ def _merge_plans(prefill: MemoryPlan, decode: MemoryPlan) -> MemoryPlan:
     return prefill
 
 
-def _lower_mode(gm, ctx, layers: LayerPlan) -> tuple[Function, dict, dict]:
+def _lower_mode(gm, ctx, layers: LayerPlan, stamped: dict) -> tuple[Function, dict, dict]:
     """The mode's program function, weight table and state table, with layers stamped
     from the traced ones when `layers` says so. A failure here is the compiler's (an op
     the table lacks, a rule that crashed): an internal error."""
     try:
-        return _lower_and_stamp(gm, ctx, layers)
+        return _lower_and_stamp(gm, ctx, layers, stamped)
     except CompileError:
         raise
     except Exception as e:
@@ -71,7 +71,7 @@ def _lower_mode(gm, ctx, layers: LayerPlan) -> tuple[Function, dict, dict]:
                                     f"{type(e).__name__}: {e}") from e
 
 
-def _lower_and_stamp(gm, ctx, layers: LayerPlan) -> tuple[Function, dict, dict]:
+def _lower_and_stamp(gm, ctx, layers: LayerPlan, stamped: dict) -> tuple[Function, dict, dict]:
     fn = canonical_names(lower(gm, ctx))
     weights = device_weights(ctx.facts, ctx.cfg)
     state = {name: TensorSpec(list(spec.shape), spec.dtype, "TILE", "DRAM", "state", spec.layer,
@@ -79,8 +79,18 @@ def _lower_and_stamp(gm, ctx, layers: LayerPlan) -> tuple[Function, dict, dict]:
              for name, spec in ctx.facts.state.items()}
     if layers.stamped and ctx.mode != "vision":
         fn = stamp_function(fn, layers)
-        weights, state = stamp_weights(weights, layers), stamp_state(state, layers)
+        weights, state = _stamp_weights_once(weights, layers, stamped), stamp_state(state, layers)
     return fn, weights, state
+
+
+def _stamp_weights_once(weights: dict, layers: LayerPlan, stamped: dict) -> dict:
+    """stamp_weights, or the table an earlier mode stamped from the same traced table
+    (prefill and decode read the same weights: stamping a 70B model's twice cost 0.1 s).
+    `stamped` holds the last (traced, stamped) pair."""
+    if stamped.get("traced") == weights:
+        return stamped["stamped"]
+    stamped.update(traced=weights, stamped=stamp_weights(weights, layers))
+    return stamped["stamped"]
 
 
 def compile_model(model_dir: str | Path, options: CompileOptions,
@@ -127,6 +137,7 @@ def _compile_program(model_dir: str | Path, options: CompileOptions, observer: O
     layers = LayerPlan.of(precision.layers, stamp=not full_trace and not cfg.cross_attention_layers)
     traced_layers = layers.traced if layers.stamped else None
     resident, other_activations = {}, 0  # what functions compiled earlier hold (the vision tower)
+    stamped_weights = {}  # the last mode's traced and stamped weight tables
 
     def compile_mode(mode, context):
         gm, ctx = trace(cfg, mode, target, options, context, layers=traced_layers)
@@ -148,7 +159,7 @@ def _compile_program(model_dir: str | Path, options: CompileOptions, observer: O
             plans[mode] = ctx.facts.memory
         if mode == "vision":
             resident, other_activations = dict(ctx.facts.weights), plan.other_activation_bytes
-        functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, layers)
+        functions[mode], mode_weights, mode_state = _lower_mode(gm, ctx, layers, stamped_weights)
         if mode == "decode" and options.sampling == "device":
             # decode ends in sampling on the device; the logits variant serves teacher forcing
             functions["decode_logits"] = dataclasses.replace(functions["decode"], name="decode_logits")

@@ -1,9 +1,13 @@
-"""Shape propagation over a graph on meta tensors: node.meta[VAL] for every node."""
+"""Shape propagation over a graph on meta tensors: node.meta[VAL] for every node.
+
+Ops with a shape rule (compiler/shape_rules.py) get their result from it; the others run
+on meta tensors."""
 from __future__ import annotations
 
 import torch
 import torch.fx
 
+from . import shape_rules
 from .facts import VAL, GraphFacts
 
 # Tiny fixed values for scalar placeholders during propagation.
@@ -22,6 +26,14 @@ class _MetaInterpreter(torch.fx.Interpreter):
         # Graphs are per chip: a sharded weight is seen at its local shape.
         local = spec.placement.local_shape(spec.shape, self.mesh_shape)
         return torch.empty(local, dtype=torch.float32, device="meta")
+
+    def call_function(self, target, args, kwargs):
+        out = shape_rules.function_result(target, args, kwargs)
+        return super().call_function(target, args, kwargs) if out is None else out
+
+    def call_module(self, target, args, kwargs):
+        out = shape_rules.module_result(self.fetch_attr(target), args, kwargs)
+        return super().call_module(target, args, kwargs) if out is None else out
 
     def run_node(self, n):
         result = super().run_node(n)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 GROUP = 16  # values sharing one exponent
@@ -44,6 +43,8 @@ def round_bfloat16(x) -> np.ndarray:
 
     ttnn turns every NaN into the positive quiet NaN, so this does too.
     """
+    import ml_dtypes  # here, not at the top: the compiler imports this module for bytes_for alone
+
     with np.errstate(invalid="ignore"):
         out = np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     out[np.isnan(out)] = np.nan
