@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,10 @@ from lowering.program import Function, Program, is_tensor_ref, resolve_scalar, t
 from . import mesh
 from .fidelity import Multiplier, PreparedWeight, prepare_weight
 from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES, quantize_like
+from .liveness import releases
 from .pools import MeshPagePool, PagePool
 from .ranks import RankLayout
-from .shards import WeightSource, chip_pieces, place, shard_index  # noqa: F401 (place, shard_index: imported from here)
+from .shards import WeightSource, chip_pieces
 
 # Ops that reach a paged KV cache only through page tables: caches read by nothing else
 # are page pools (pools.py), with memory for the blocks written.
@@ -63,6 +64,7 @@ class _Step:
     kwargs: dict
     out: list[str]
     out_dtypes: list[str]
+    release: list[str] = field(default_factory=list)  # values last read here (liveness.py)
 
     @property
     def bound(self) -> _Bound:
@@ -283,6 +285,14 @@ class EmulatorBackend:
                 kwargs["rngs"] = ("v", self.sampling_rngs)
             dtypes = [fn.tensors[o].dtype for o in op.out]
             steps.append(_Step(op, IMPLS[op.op], collective, args, kwargs, list(op.out), dtypes))
+        # Let intermediate values go after their last reader, as the device frees buffers:
+        # a function's activations then peak at its live set, not at the sum of all of them.
+        produced = {name for step in steps for name in step.out}
+        keep = (produced & set(self.env)) | set(fn.outputs)  # state an op writes, and the results
+        reads = [{n for kind, v in [*step.args, *step.kwargs.values()] if kind in ("t", "tl")
+                  for n in (v if kind == "tl" else [v])} for step in steps]
+        for step, names in zip(steps, releases(reads, [step.out for step in steps], keep)):
+            step.release = [n for n in names if n in produced]
         return steps
 
     def _multiplier_weight(self, op) -> str:
@@ -364,13 +374,13 @@ class EmulatorBackend:
                 for key, template in bound.scalar_kwargs:
                     kwargs[key] = resolve_scalar(template, scalars)
             result = step.impl(*args, **kwargs)
-            if not step.out:
-                continue
             if len(step.out) == 1:
                 env[step.out[0]] = [_as_device(result, step.out_dtypes[0])]
-            else:
+            elif step.out:
                 for name, dtype, r in zip(step.out, step.out_dtypes, result):
                     env[name] = [_as_device(r, dtype)]
+            for name in step.release:
+                del env[name]
 
     def _run_mesh(self, steps, env, scalars) -> int:
         """Every op on every chip; collectives see all chips. Returns collectives run."""
@@ -409,6 +419,8 @@ class EmulatorBackend:
                     if id(r) not in converted:
                         converted[id(r)] = _as_device(r, dtype)
                 env[name] = [converted[id(results_c[i])] for results_c in per_chip]
+            for name in step.release:
+                del env[name]
         return collectives
 
     def chip_tensor(self, name: str, chip: int) -> torch.Tensor:

@@ -142,11 +142,12 @@ def run(steps, env: dict, scalars: dict, round_to, full_along=None) -> int:
         else:
             adapter = BATCHED.get(name)
             result = adapter(step.impl, *args, **kwargs) if adapter else per_chip(step.impl, args, kwargs)
-        if not step.out:
-            continue
-        results = result if len(step.out) > 1 else [result]
-        for out, dtype, r in zip(step.out, step.out_dtypes, results):
-            env[out] = round_to(r, dtype)
+        if step.out:
+            results = result if len(step.out) > 1 else [result]
+            for out, dtype, r in zip(step.out, step.out_dtypes, results):
+                env[out] = round_to(r, dtype)
+        for out in step.release:
+            del env[out]
     return collectives
 
 
