@@ -30,7 +30,7 @@ from models_ref import ops as ref
 from models_ref.names import Role
 from passes import fuse_mlp, fuse_qkv
 from passes.head_plan import PAD
-from runtime.emulator.backend import place
+from runtime.emulator.shards import place
 from test_passes import MAX_SEQ, TINY, GraphBuilder, _DictReader, count, run_real
 
 BS = 32  # KV block size
@@ -174,7 +174,7 @@ def run_mesh(gm, ctx, sources: dict, inputs: dict, state: dict | None = None, tr
     """Run a per-chip graph on every chip of ctx.target's mesh, in lockstep.
 
     Weights are evaluated from their recipes to the global tensor and split by their
-    Placement (runtime.emulator.backend.place: torch.chunk over the tp axes' chips,
+    Placement (runtime.emulator.shards.place: torch.chunk over the tp axes' chips,
     row-major); `state` holds global caches (zeros if absent), split the same way.
     Collectives combine the chips of one mesh axis: all_reduce sums, all_gather concatenates
     in chip order. Returns (per-chip outputs, per-chip final state); `trace`, if given,

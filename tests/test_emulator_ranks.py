@@ -59,7 +59,7 @@ def test_layout_cuts_the_mesh_into_equal_blocks():
 
 def test_each_chip_reads_its_piece_as_the_whole_weight_rounded_and_cut(programs):
     """shards.chip_pieces (a rank reads only its pieces) against the whole tensor rounded to
-    its dtype, then cut (backend.place), bit for bit: the TG program's weights from the
+    its dtype, then cut (shards.place), bit for bit: the TG program's weights from the
     cache, and block floats cut along the last dimension inside and across exponent groups."""
     import json
 

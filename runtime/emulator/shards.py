@@ -1,7 +1,7 @@
 """Each chip's piece of a weight, read from the converted-weight cache piece by piece.
 
 A weight placed over mesh axes is split as `torch.chunk(parts, dim)` and chip c holds
-piece `shard_index(c)` (backend.place, the rule the ttnn backend shares). A process that
+piece `shard_index(c)` (place, the rule the ttnn backend shares). A process that
 holds only some chips (ranks.py) reads only their pieces: safetensors slices read those
 bytes alone. Every piece is rounded to the weight's device dtype on its own, which gives
 the whole tensor's rounding cut into pieces: bfloat16/float32 rounding is per element,
