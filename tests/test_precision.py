@@ -115,8 +115,9 @@ def test_report_lists_the_precision_of_every_layer(four_layers, tmp_path, capsys
 
 def test_auto_keeps_its_bound_and_the_program_follows_its_choice(four_layers, monkeypatch):
     """The search on a tiny model (random calibration ids: it has no tokenizer): the top-1
-    it reports keeps the bound, the program's weights have the dtypes it chose, and a
-    bound the starting assignment already misses (1.0) lowers nothing."""
+    it reports keeps the bound plus the margin, the program's weights have the dtypes it
+    chose and its kernels the start policy's, and a bound the starting assignment already
+    misses (1.0) lowers nothing."""
     import torch
 
     from compiler import precision_search
@@ -126,18 +127,93 @@ def test_auto_keeps_its_bound_and_the_program_follows_its_choice(four_layers, mo
     for bound in (0.8, 1.0):
         result = compile_model(four_layers, CompileOptions(max_seq_len=256, precision="auto", min_top1=bound))
         chosen = result.precision_file["chosen"]
-        assert chosen["calibration_top1"] >= bound or not chosen["lowered"]
+        assert chosen["calibration_top1"] >= bound + chosen["margin"] or not chosen["lowered"]
         for layer, settings in enumerate(result.program.precision["layers"]):
             for group in ("wqkv", "ff1_ff3", "ff2"):
                 name = {"wqkv": "attention.wqkv", "ff1_ff3": "feed_forward.w1", "ff2": "feed_forward.w2"}[group]
                 assert result.program.weights[f"layers.{layer}.{name}.weight"]["dtype"] == settings[group]
+            # the start policy's kernels whatever --optimizations says (performance's LoFi
+            # would cut a bfloat8_b w1 to 5 significant bits)
+            fidelity = _kernel(result.program, "decode", layer, "feed_forward.w1")["math_fidelity"]
+            assert fidelity == ("LoFi" if settings["ff1_ff3"] == "bfloat4_b" else "HiFi2")
         sizes = chosen["weight_bytes"]
         assert sizes["auto"] <= sizes["bfloat16"]
         assert bool(chosen["lowered"]) == (bound == 0.8)  # 1.0: even the start assignment misses it
 
 
-def test_a_further_step_is_ranked_after_its_first():
-    from compiler.precision_search import Candidate, rank
-    ranked = rank([Candidate(0, "wo", 100, level=2, error=1e-9), Candidate(0, "wo", 100, level=1, error=1e-3),
-                   Candidate(1, "ff2", 100, level=1, error=1e-6)])
-    assert [(c.layer, c.level) for c in ranked] == [(1, 1), (0, 1), (0, 2)]
+@pytest.fixture(scope="module")
+def tiny_search(four_layers):
+    """The search's state on the tiny model, calibrated on random ids (it has no tokenizer)."""
+    import torch
+
+    from compiler import precision_search
+    from models_ref.weights import open_checkpoint
+
+    ids = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    reader = open_checkpoint(four_layers)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision_search, "calibration_tokens", lambda model_dir, path, n: ids[:n])
+        return precision_search.Search(reader.cfg, reader, CompileOptions(precision="auto"), four_layers)
+
+
+def test_the_search_drops_the_activation_bits_hifi2_does_not_multiply():
+    """precision_sim.src_b is the SrcB part fidelity.py's first pass takes of a bfloat16 activation."""
+    import torch
+
+    from compiler.precision_sim import src_b
+    from runtime.emulator import fidelity
+
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(1)) * 3
+    rounded = x.bfloat16().float()
+    high, low = fidelity.split(fidelity.src_value(rounded, "B"), "B")
+    assert torch.equal(src_b(x), high)
+    assert low.abs().max() > 0  # some bit was dropped
+
+
+def test_fisher_weighing_predicts_the_kl_a_change_to_a_layer_output_makes(tiny_search):
+    """A small change d to layer i's output moves the logits by KL ~ mean((g . d)^2) / 2
+    over the probes' gradients g (the Fisher information): checked against running the
+    changed rows through the later layers. Measured ratios 0.995 and 1.009 (256 samples; the
+    gradients one layer off give 0.30)."""
+    import torch
+
+    from compiler.precision_search import _kl
+
+    m = tiny_search.model
+    tokens = tiny_search.tokens[:, :64]
+    head = m.exact[m.head_name]
+    keep, probes = m.fisher_probes(tokens, head, samples=256)
+    base = m.logits(m.module.norm(keep[-1])[0, 0], head, False)
+    generator = torch.Generator().manual_seed(2)
+    for layer in (0, 2):
+        out = keep[layer + 1]
+        d = 0.01 * out.pow(2).mean().sqrt() * torch.randn(out.shape, generator=generator)
+        h = m.hidden(tokens, device=False, start=layer + 1, x=out + d)
+        kl = _kl(base, m.logits(h, head, False))
+        predicted = float((probes[layer] * d[0, 0]).sum(-1).pow(2).mean()) / 2
+        print(f"layer {layer}: Fisher {predicted:.3e}, KL {kl:.3e}, ratio {predicted / kl:.3f}")
+        assert 0.8 < predicted / kl < 1.25, (layer, predicted, kl)
+
+
+def test_a_check_that_starts_from_the_accepted_layers_equals_a_full_run(tiny_search, monkeypatch):
+    """Search.top1 on an assignment that extends the accepted one runs only the layers from
+    the first it changes, and gives what a run of every layer gives."""
+    import torch
+
+    from compiler.precision_search import rank
+
+    search, runs = tiny_search, []
+    ranked = rank(search.sensitivities())
+    accepted = [c for c in ranked if c.layer in (0, 1)][:3]
+    extended = accepted + [c for c in ranked if c.layer == 3 and c.level == 1][:2]
+    search.accept(accepted, search.top1(accepted)[1])
+    layer = search.model.layer
+    monkeypatch.setattr(search.model, "layer", lambda i, *args: runs.append(i) or layer(i, *args))
+    reused_top1, reused = search.top1(extended)
+    assert runs == [3]
+    search.accepted = None
+    full_top1, full = search.top1(extended)
+    assert runs == [3, 0, 1, 2, 3]
+    assert len(reused) == len(full) == search.cfg.n_layers + 1
+    assert all(torch.equal(a, b) for a, b in zip(reused, full))
+    assert reused_top1 == full_top1

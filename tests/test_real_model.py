@@ -167,13 +167,16 @@ def auto_artifact(smollm2_dir, compile_artifact):
                             max_num_blocks=64)
 
 
-# Measured (GPL-3, fidelity emulated, one run): top-1 0.836, top-5 0.996, PCC 0.984, 90% of
-# performance's saving, calibration top-1 0.910. The bar (top-1 >= 0.90 on another
-# text) is not met yet: the search's float32 simulation gives 0.871 on GPL-3 for the same
-# choice, so most of the gap is the calibration text being less sensitive than GPL-3 and
-# the rest the device's matmuls; the bounds below are what holds today, with a margin.
-def test_auto_precision_keeps_top5_and_most_of_the_performance_saving(auto_artifact, smollm2_artifact,
-                                                                      text_tokens, hf_rows):
+# The bar: top-1 >= 0.90 and top-5 >= 0.99 against HF float32 on a text the search
+# never saw (GPL-3; it calibrates on runtime/presets/calibration.txt), keeping >= 85% of
+# performance mode's weight-byte saving over bfloat16. Measured (emulator, fidelity
+# emulated; the search chose the same plan with 1 and 2 torch threads, and the device
+# matmuls do not depend on them): GPL-3 top-1 0.934, top-5 1.000, PCC 0.99454; 85.7% of
+# performance's saving; calibration top-1 0.938 (bound 0.90 + margin 0.035). Apache-2.0,
+# also unseen: 0.926 / 1.000 / 0.99725. With exact matmuls, GPL-3: 0.926 / 1.000 / 0.99426.
+# (Margin 0.03 chose one w1/w3 and one wo more: GPL-3 top-1 0.918, 86.3% of the saving.)
+def test_auto_precision_keeps_top1_on_another_text_and_most_of_the_performance_saving(
+        auto_artifact, smollm2_artifact, text_tokens, hf_rows):
     session = runtime.load(auto_artifact)
     figures = token_agreement(session.teacher_forced_logits(text_tokens, PREFILL), hf_rows, text_tokens)
     chosen = json.loads((auto_artifact / "precision.json").read_text())["chosen"]
@@ -182,12 +185,13 @@ def test_auto_precision_keeps_top5_and_most_of_the_performance_saving(auto_artif
              "auto": _weight_bytes(session.program)}
     kept = (sizes["bfloat16"] - sizes["auto"]) / (sizes["bfloat16"] - sizes["performance"])
     print(f"\nSmolLM2 --precision auto on GPL-3: top-1 {figures['top1']:.3f}, top-5 {figures['top5']:.3f}, "
-          f"PCC {figures['pcc']:.5f}; weights {sizes} ({100 * kept:.0f}% of performance's saving); "
+          f"PCC {figures['pcc']:.5f}; weights {sizes} ({100 * kept:.1f}% of performance's saving); "
           f"{chosen['summary']}")
     assert session.program.precision["source"] == "auto"
-    assert chosen["calibration_top1"] >= 0.90
-    assert figures["top1"] >= 0.78
+    assert chosen["calibration_top1"] >= chosen["bound"] + chosen["margin"]
+    assert figures["top1"] >= 0.90
     assert figures["top5"] >= 0.99
+    assert figures["pcc"] >= 0.99
     assert kept >= 0.85
 
 
