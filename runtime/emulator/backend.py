@@ -1,11 +1,11 @@
-"""The CPU emulator backend: executes a Program's ops with torch, one tensor per chip.
+"""The CPU emulator backend: holds a Program's weights and state and runs its functions.
 
-Every tensor is a list with one torch tensor per chip of the program's mesh (row-major).
-Ops run chip by chip; collectives see all chips at once. Weights are read from the
-converted-weight cache, split by their placement and rounded to their device dtype once,
-at load (block floats through the shared numpy quantiser). Each function is prepared
-once into a list of steps with resolved argument getters, so a decode step is a tight
-loop over ops.
+Weights are read from the converted-weight cache, split by their placement and rounded
+to their device dtype once, at load (block floats through the shared numpy quantiser);
+matmul weights are also prepared once as the matrix unit sees them (fidelity.py). Each
+function is prepared once into steps (steps.py). A one-chip program runs them in a lean
+loop; a mesh runs them batched with the chips as leading dimensions (mesh.py), or chip
+by chip (`mesh_batched=False`, the reference the batched path is tested against).
 
 With `ranks` (ranks.py: this process is one rank of a torch.distributed group) the
 backend holds only its rank's block of the mesh: those chips' weight shards (read alone
@@ -13,9 +13,7 @@ from the cache, shards.py), KV pools and mesh values; collectives gather across 
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,74 +21,22 @@ import torch
 
 from compiler.targets import TARGETS
 from lowering.optable import OPS
-from lowering.program import Function, Program, is_tensor_ref, resolve_scalar, tensor_name
+from lowering.program import Function, Program, is_tensor_ref, tensor_name
 
 from . import mesh
 from .fidelity import Multiplier, PreparedWeight, prepare_weight
-from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES, quantize_like
-from .liveness import releases
+from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES
 from .pools import MeshPagePool, PagePool
 from .ranks import RankLayout
 from .shards import WeightSource, chip_pieces
+from .steps import (EmulatorError, Step, as_device, attach_releases, run_chip_by_chip, run_one_chip,
+                    step_arg)
 
 # Ops that reach a paged KV cache only through page tables: caches read by nothing else
 # are page pools (pools.py), with memory for the blocks written.
 PAGED_CACHE_ARGS = {"ttnn.experimental.paged_update_cache": (0,), "ttnn.experimental.paged_fill_cache": (0,),
                     "ttnn.transformer.paged_scaled_dot_product_attention_decode": (1, 2),
                     "ttnn.transformer.chunked_scaled_dot_product_attention": (1, 2)}
-
-
-class EmulatorError(RuntimeError):
-    pass
-
-
-@dataclass
-class _Bound:
-    """A step's arguments split once into literals and the slots looked up per call."""
-    args: tuple
-    tensor_args: tuple
-    scalar_args: tuple
-    kwargs: dict
-    tensor_kwargs: tuple
-    scalar_kwargs: tuple
-
-
-@dataclass
-class _Step:
-    op: object
-    impl: object
-    collective: bool
-    args: list  # ("t", name) | ("tl", [names]) | ("s", value-template) | ("v", literal)
-    kwargs: dict
-    out: list[str]
-    out_dtypes: list[str]
-    release: list[str] = field(default_factory=list)  # values last read here (liveness.py)
-
-    @property
-    def bound(self) -> _Bound:
-        if "_bound" not in self.__dict__:
-            args, kw = self.args, self.kwargs
-            self.__dict__["_bound"] = _Bound(
-                tuple(v if k == "v" else None for k, v in args),
-                tuple((i, v) for i, (k, v) in enumerate(args) if k in ("t", "tl")),
-                tuple((i, v) for i, (k, v) in enumerate(args) if k == "s"),
-                {n: v for n, (k, v) in kw.items() if k == "v"},
-                tuple((n, v) for n, (k, v) in kw.items() if k == "t"),
-                tuple((n, v) for n, (k, v) in kw.items() if k == "s"))
-        return self.__dict__["_bound"]
-
-
-def _arg(value, tensors):
-    if isinstance(value, list) and value and all(is_tensor_ref(v) for v in value):  # e.g. concat's tensors
-        return ("tl", [_arg(v, tensors)[1] for v in value])
-    if is_tensor_ref(value):
-        name = tensor_name(value)
-        if name not in tensors:
-            raise EmulatorError(f"op reads unknown tensor '{name}'")
-        return ("t", name)
-    if isinstance(value, (str, list)) and "$" in json.dumps(value):
-        return ("s", value)
-    return ("v", value)
 
 
 def matmul_operand(weight_kn: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
@@ -265,14 +211,14 @@ class EmulatorBackend:
         return shape
 
     # ------------------------------------------------------------------ preparation
-    def _prepare(self, fn: Function) -> list[_Step]:
+    def _prepare(self, fn: Function) -> list[Step]:
         known = set(self.env) | set(fn.tensors)
         steps = []
         for op in fn.ops:
             if op.op not in IMPLS:
                 raise EmulatorError(f"op {op.op} has no emulator implementation")
-            args = [_arg(a, known) for a in op.args]
-            kwargs = {k: _arg(v, known) for k, v in op.kwargs.items()}
+            args = [step_arg(a, known) for a in op.args]
+            kwargs = {k: step_arg(v, known) for k, v in op.kwargs.items()}
             if op.op == "ttnn.linear" and tensor_name(op.args[1]) in self.program.weights:
                 args[1] = ("t", self._multiplier_weight(op))
             collective = op.op in COLLECTIVE_IMPLS
@@ -284,15 +230,10 @@ class EmulatorBackend:
             if op.op == "ttnn.sampling":  # the device's per-user random state
                 kwargs["rngs"] = ("v", self.sampling_rngs)
             dtypes = [fn.tensors[o].dtype for o in op.out]
-            steps.append(_Step(op, IMPLS[op.op], collective, args, kwargs, list(op.out), dtypes))
+            steps.append(Step(op, IMPLS[op.op], collective, args, kwargs, list(op.out), dtypes))
         # Let intermediate values go after their last reader, as the device frees buffers:
         # a function's activations then peak at its live set, not at the sum of all of them.
-        produced = {name for step in steps for name in step.out}
-        keep = (produced & set(self.env)) | set(fn.outputs)  # state an op writes, and the results
-        reads = [{n for kind, v in [*step.args, *step.kwargs.values()] if kind in ("t", "tl")
-                  for n in (v if kind == "tl" else [v])} for step in steps]
-        for step, names in zip(steps, releases(reads, [step.out for step in steps], keep)):
-            step.release = [n for n in names if n in produced]
+        attach_releases(steps, set(self.env) | set(fn.outputs))
         return steps
 
     def _multiplier_weight(self, op) -> str:
@@ -327,23 +268,23 @@ class EmulatorBackend:
                 host = torch.from_numpy(host)
             else:  # pixels and masks, rounded to their device dtype as the host upload would
                 host = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.float32))
-                host = _as_device(host, spec.dtype)
+                host = as_device(host, spec.dtype)
             host = host.reshape([d if isinstance(d, int) else -1 for d in spec.shape])
             env[spec.name] = host[None, None] if self.mesh_batched else [host] * self.chips
         scalars = scalars or {}
         collectives = 0
         with torch.inference_mode():
             if self.chips == 1:
-                self._run_one_chip(self.steps[fn_name], env, scalars)
+                run_one_chip(self.steps[fn_name], env, scalars)
             elif self.mesh_batched:
                 full_along = (lambda x, axis: self.ranks.full_along(x, axis, self.layout)) if self.ranks else None
-                collectives = mesh.run(self.steps[fn_name], env, scalars, _as_device, full_along)
+                collectives = mesh.run(self.steps[fn_name], env, scalars, as_device, full_along)
             else:
                 # Per-chip ops are small: thread hand-offs would cost more than the maths.
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 try:
-                    collectives = self._run_mesh(self.steps[fn_name], env, scalars)
+                    collectives = run_chip_by_chip(self.steps[fn_name], env, scalars, self.chips)
                 finally:
                     torch.set_num_threads(threads)
         self.ops_executed[fn_name] += len(self.steps[fn_name])
@@ -354,74 +295,6 @@ class EmulatorBackend:
         if self.mesh_batched:
             return [env[o][0, 0].float().numpy() for o in fn.outputs]
         return [env[o][0].float().numpy() for o in fn.outputs]
-
-    @staticmethod
-    def _run_one_chip(steps, env, scalars) -> None:
-        """The single-chip loop, kept lean: decode runs it ~500 times per token. Literal
-        arguments are bound once (_Step.bound); only tensors and host scalars are looked up."""
-        for step in steps:
-            bound = step.bound
-            args = list(bound.args)
-            for i, name in bound.tensor_args:
-                args[i] = [env[n][0] for n in name] if isinstance(name, list) else env[name][0]
-            for i, template in bound.scalar_args:
-                args[i] = resolve_scalar(template, scalars)
-            kwargs = bound.kwargs
-            if bound.tensor_kwargs or bound.scalar_kwargs:
-                kwargs = dict(kwargs)
-                for key, name in bound.tensor_kwargs:
-                    kwargs[key] = env[name][0]
-                for key, template in bound.scalar_kwargs:
-                    kwargs[key] = resolve_scalar(template, scalars)
-            result = step.impl(*args, **kwargs)
-            if len(step.out) == 1:
-                env[step.out[0]] = [_as_device(result, step.out_dtypes[0])]
-            elif step.out:
-                for name, dtype, r in zip(step.out, step.out_dtypes, result):
-                    env[name] = [_as_device(r, dtype)]
-            for name in step.release:
-                del env[name]
-
-    def _run_mesh(self, steps, env, scalars) -> int:
-        """Every op on every chip; collectives see all chips. Returns collectives run."""
-        chips, collectives = range(self.chips), 0
-
-        def value(arg, chip):
-            kind, v = arg
-            if kind == "t":
-                return env[v][chip]
-            if kind == "tl":
-                return [env[n][chip] for n in v]
-            return resolve_scalar(v, scalars) if kind == "s" else v
-
-        for step in steps:
-            if step.collective:
-                first, *rest = step.args
-                results = step.impl(env[first[1]], *[value(a, 0) for a in rest],
-                                    **{k: value(a, 0) for k, a in step.kwargs.items()})
-                per_chip = [(r,) for r in results]
-                collectives += 1
-            elif step.out and _replicated(step, env):
-                # Every chip holds the same inputs: compute once, every chip holds the result.
-                result = step.impl(*[value(a, 0) for a in step.args],
-                                   **{k: value(a, 0) for k, a in step.kwargs.items()})
-                per_chip = [result if isinstance(result, (list, tuple)) else [result]] * self.chips
-            else:
-                per_chip = []
-                for chip in chips:
-                    result = step.impl(*[value(a, chip) for a in step.args],
-                                       **{k: value(a, chip) for k, a in step.kwargs.items()})
-                    per_chip.append(result if isinstance(result, (list, tuple)) else [result])
-            for i, (name, dtype) in enumerate(zip(step.out, step.out_dtypes)):
-                converted = {}  # one conversion per distinct result object
-                for results_c in per_chip:
-                    r = results_c[i]
-                    if id(r) not in converted:
-                        converted[id(r)] = _as_device(r, dtype)
-                env[name] = [converted[id(results_c[i])] for results_c in per_chip]
-            for name in step.release:
-                del env[name]
-        return collectives
 
     def chip_tensor(self, name: str, chip: int) -> torch.Tensor:
         """What chip `chip` (global number) holds for a weight or state tensor (for tests
@@ -434,7 +307,6 @@ class EmulatorBackend:
         if isinstance(held, torch.Tensor):  # a mesh value (mesh_batched)
             return mesh.chip_views(held, self.lead)[local]
         return held[chip].dense() if isinstance(held[chip], PagePool) else held[chip]
-
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of weights this process holds (matmul operands included), split into
@@ -453,16 +325,6 @@ class EmulatorBackend:
         return held
 
 
-def _replicated(step, env) -> bool:
-    """True when every tensor the (pure) op reads is the same object on every chip."""
-    for kind, v in list(step.args) + list(step.kwargs.values()):
-        for name in (v if kind == "tl" else [v] if kind == "t" else []):
-            held = env[name]
-            if any(t is not held[0] for t in held):
-                return False
-    return True
-
-
 def _return_freed_memory() -> None:
     """Hand the heap that loading freed (per-chip pieces, conversions) back to the OS
     (glibc keeps it otherwise: ~0.4 GB of RSS for a TG SmolLM2). No-op without glibc."""
@@ -475,12 +337,3 @@ def _return_freed_memory() -> None:
         pass
 
 
-_PLAIN = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _as_device(value: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Round an op's result to its output dtype (block floats are held in bfloat16)."""
-    plain = _PLAIN.get(dtype)
-    if plain is not None:
-        return value if value.dtype == plain else value.to(plain)
-    return quantize_like(value, dtype)

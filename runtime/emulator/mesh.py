@@ -112,7 +112,7 @@ def per_chip(impl, args, kwargs):
 
 
 def run(steps, env: dict, scalars: dict, round_to, full_along=None) -> int:
-    """Run prepared steps (backend._Step) on mesh values in `env`; `round_to(value, dtype)`
+    """Run prepared steps (steps.Step) on mesh values in `env`; `round_to(value, dtype)`
     rounds results to their device dtype; `full_along(value, axis)` (ranks: a block of
     the mesh per process) the whole stack along a collective's axis. Returns the number
     of collectives run."""
