@@ -31,7 +31,7 @@ from models_ref.names import Role
 from passes import fuse_mlp, fuse_qkv
 from passes.head_plan import PAD
 from runtime.emulator.shards import place
-from test_passes import MAX_SEQ, TINY, GraphBuilder, _DictReader, count, run_real
+from graph_builder import MAX_SEQ, TINY, GraphBuilder, _DictReader, count, run_real
 
 BS = 32  # KV block size
 

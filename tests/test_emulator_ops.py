@@ -20,7 +20,7 @@ from runtime import blockfloat
 from runtime.emulator.backend import EmulatorBackend
 from runtime.emulator.ops import IMPLS
 
-from test_passes import TINY
+from graph_builder import TINY
 
 H, HKV, HD = 8, 2, 64
 

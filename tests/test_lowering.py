@@ -27,7 +27,7 @@ from lowering.optable import OPS
 from lowering.program import SEQ, Program, is_tensor_ref, tensor_name
 from models_ref.weights import expected_shapes
 
-from test_passes import MAX_SEQ, random_sources, run_real, traced
+from graph_builder import MAX_SEQ, random_sources, run_real, traced
 
 MODES = ("performance", "accuracy", "float32")
 BATCH = 2

@@ -12,7 +12,7 @@ from compiler import dialect
 from compiler.facts import LAYER
 from models_ref import ops as ref
 from passes import chunked_prefill, memory_plan, paged_kv, precision, shard
-from test_passes import TINY, count, run_real
+from graph_builder import TINY, count, run_real
 from pass_units import (BS, _gather, _paged, _same_sources, _scrambled_table, compile_through, fused_model, nodes_of, placeholders, run_mesh, step, unit_ctx)
 from pass_units import _one_thread  # noqa: F401 (autouse: one torch thread)
 

@@ -15,7 +15,7 @@ from compiler.facts import VAL
 from compiler.targets import TARGETS, get_target
 from models_ref import ops as ref
 from passes import chunked_prefill, memory_plan, paged_kv, precision, shard
-from test_passes import GraphBuilder
+from graph_builder import GraphBuilder
 from pass_units import (BS, MEM_CFG, compile_through, mem_ctx, nodes_of, step, unit_ctx)
 from pass_units import _one_thread  # noqa: F401 (autouse: one torch thread)
 

@@ -15,7 +15,7 @@ from models_ref import ops as ref
 from models_ref.names import Role
 from passes import chunked_prefill, memory_plan, paged_kv, precision, shard
 from passes.head_plan import plan_heads
-from test_passes import MAX_SEQ, TINY, _DictReader, run_real
+from graph_builder import MAX_SEQ, TINY, _DictReader, run_real
 from pass_units import (MEM_CFG, TINY_6x2, _heads, _unsharded_run, build_model, compile_through, fused_model, mem_ctx, nodes_of, run_mesh, shard_cache, step, unit_ctx)
 from pass_units import _one_thread  # noqa: F401 (autouse: one torch thread)
 

@@ -11,7 +11,7 @@ from compiler.errors import CompileError
 from compiler.facts import VAL, Placement
 from models_ref import ops as ref
 from passes import paged_kv, shard
-from test_passes import MAX_SEQ, TINY, assert_same_outputs, count, run_real
+from graph_builder import MAX_SEQ, TINY, assert_same_outputs, count, run_real
 from pass_units import (BS, _gather, _paged, _same_sources, _scrambled_table, compile_through, fused_model, nodes_of, placeholders, step, unit_ctx)
 from pass_units import _one_thread  # noqa: F401 (autouse: one torch thread)
 

@@ -14,7 +14,7 @@ from models_ref.names import Role
 from passes import shard
 from passes.head_plan import PAD, padded_size, plan_heads
 from runtime.emulator.shards import place
-from test_passes import TINY, _DictReader, count
+from graph_builder import TINY, _DictReader, count
 from pass_units import (TINY_6x2, _heads, _unsharded_run, fused_model, linear_of, nodes_of, run_mesh, shard_cache, step, unit_ctx)
 from pass_units import _one_thread  # noqa: F401 (autouse: one torch thread)
 

@@ -17,7 +17,7 @@ from models_ref import ops as ref
 from passes import precision
 from passes.util import get_attr
 
-from test_passes import GraphBuilder, build_fused_layer, build_mlp, make_ctx
+from graph_builder import GraphBuilder, build_fused_layer, build_mlp, make_ctx
 
 
 def _mlp():
