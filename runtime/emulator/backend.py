@@ -23,7 +23,7 @@ from compiler.targets import TARGETS
 from lowering.optable import OPS
 from lowering.program import Function, Program, is_tensor_ref, tensor_name
 
-from . import mesh
+from . import active_rows, mesh
 from .fidelity import Multiplier, PreparedWeight, prepare_weight
 from .ops import COLLECTIVE_IMPLS, IMPLS, TORCH_DTYPES
 from .pools import MeshPagePool, PagePool
@@ -75,6 +75,8 @@ class EmulatorBackend:
         self.page_pools = self._page_pool_names(program)
         self.env: dict[str, list[torch.Tensor]] = {}
         self.sampling_rngs = [np.random.default_rng(u) for u in range(32)]
+        self.user_generators = active_rows.UserGenerators(self.sampling_rngs)
+        self.row_dims = {name: active_rows.row_dims(fn) for name, fn in program.functions.items()}
         self._load_weights(weights_dir, weights)
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
@@ -166,6 +168,7 @@ class EmulatorBackend:
         other.__dict__.update(self.__dict__)
         other.env = {name: self.env[name] for name in self.program.weights}
         other.sampling_rngs = [np.random.default_rng(u) for u in range(32)]
+        other.user_generators = active_rows.UserGenerators(other.sampling_rngs)
         other.reset()
         other.steps = {name: other._prepare(fn) for name, fn in self.program.functions.items()}
         other.ops_executed, other.collectives_executed, other.invocations = Counter(), Counter(), Counter()
@@ -228,7 +231,7 @@ class EmulatorBackend:
                 cache = tensor_name(op.args[0])
                 kwargs["cache_dtype"] = ("v", self.program.state[cache].dtype)
             if op.op == "ttnn.sampling":  # the device's per-user random state
-                kwargs["rngs"] = ("v", self.sampling_rngs)
+                kwargs["rngs"] = ("v", self.user_generators)
             dtypes = [fn.tensors[o].dtype for o in op.out]
             steps.append(Step(op, IMPLS[op.op], collective, args, kwargs, list(op.out), dtypes))
         # Let intermediate values go after their last reader, as the device frees buffers:
@@ -259,17 +262,33 @@ class EmulatorBackend:
     def run(self, fn_name: str, inputs: dict[str, np.ndarray], scalars: dict[str, int] | None = None
             ) -> list[np.ndarray]:
         fn = self.program.functions[fn_name]
+        host = {spec.name: np.asarray(inputs[spec.source]).reshape(
+            [d if isinstance(d, int) else -1 for d in spec.shape]) for spec in fn.inputs}
+        dims = self.row_dims[fn_name]
+        rows = active_rows.active_users(fn, inputs) if dims else None
+        if rows is None:
+            return self._run(fn_name, host, scalars)
+        # Some users inactive: compute the active ones' rows only (active_rows.py).
+        self.user_generators.rows = rows
+        try:
+            outputs = self._run(fn_name, active_rows.select(fn, host, dims, rows), scalars) if len(rows) else None
+        finally:
+            self.user_generators.rows = None
+        return active_rows.scatter(fn, outputs, rows)
+
+    def _run(self, fn_name: str, host_inputs: dict[str, np.ndarray], scalars: dict[str, int] | None
+             ) -> list[np.ndarray]:
+        fn = self.program.functions[fn_name]
         env = {**self.env, **self.mesh_weights}
         for spec in fn.inputs:
             if spec.dtype in ("uint32", "int32"):
-                host = np.ascontiguousarray(inputs[spec.source], dtype=np.int64)
+                host = np.ascontiguousarray(host_inputs[spec.name], dtype=np.int64)
                 if spec.dtype == "uint32":  # e.g. rope rows of an inactive user (position -1)
                     host = np.maximum(host, 0)
                 host = torch.from_numpy(host)
             else:  # pixels and masks, rounded to their device dtype as the host upload would
-                host = torch.from_numpy(np.ascontiguousarray(inputs[spec.source], dtype=np.float32))
+                host = torch.from_numpy(np.ascontiguousarray(host_inputs[spec.name], dtype=np.float32))
                 host = as_device(host, spec.dtype)
-            host = host.reshape([d if isinstance(d, int) else -1 for d in spec.shape])
             env[spec.name] = host[None, None] if self.mesh_batched else [host] * self.chips
         scalars = scalars or {}
         collectives = 0

@@ -1,0 +1,108 @@
+"""Decode steps computed for the active users only.
+
+A decode program is compiled for its batch (say 32 users) and the device computes every
+row of it each step, active or not. A serving batch is rarely full, and on the emulator
+each row costs float64 matmuls, so a step with 2 active users of 32 would do 16x the work
+it needs. Each row of a paged decode step is one user's, and nothing in the step mixes
+rows: matmuls, norms, rotary and residual adds are row-wise (a float64 dot product is
+exact, so it does not depend on how many rows the GEMM has), attention reads each user's
+KV blocks through that user's page-table row, and a paged cache write goes where the
+user's table row and position say. So the emulator runs the step on the active users'
+rows only and puts zeros in the inactive rows of its outputs (which the host ignores:
+an inactive user's token and logits are never read). Outputs of active users are
+bit-identical to a full step (tests/test_active_rows.py).
+
+A function qualifies when every op is in ROW_WISE_OPS and every input comes from a
+per-user host array (ROW_SOURCES) with the batch as one of its dimensions; anything else
+(contiguous caches indexed by row, cross-attention caches, literal reshapes) runs whole.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lowering.program import Function
+
+# Host arrays with one entry (or row) per user.
+ROW_SOURCES = frozenset({"tokens", "positions", "page_table", "sample_k", "sample_p", "sample_temp"})
+
+# Ops whose output row u depends on input row u only (per-user caches reached through the
+# page table; collectives concatenate or reduce across chips, never across rows).
+ROW_WISE_OPS = frozenset({
+    "ttnn.embedding", "ttnn.unsqueeze_to_4D", "ttnn.transpose", "ttnn.rms_norm", "ttnn.linear",
+    "ttnn.add", "ttnn.mul", "ttnn.silu", "ttnn.typecast", "ttnn.to_memory_config", "ttnn.to_layout",
+    "ttnn.experimental.nlp_create_qkv_heads_decode", "ttnn.experimental.rotary_embedding_llama",
+    "ttnn.experimental.paged_update_cache", "ttnn.transformer.paged_scaled_dot_product_attention_decode",
+    "ttnn.experimental.nlp_concat_heads_decode", "ttnn.topk", "ttnn.sampling",
+    "ttnn.all_gather", "ttnn.all_reduce",
+})
+
+
+def batch_of(fn: Function) -> int | None:
+    """The users of a decode function: the length of its positions input (None when it
+    has none or its length is symbolic, as a prefill's is)."""
+    for spec in fn.inputs:
+        if spec.source == "positions":
+            if not all(isinstance(d, int) for d in spec.shape):
+                return None
+            return int(np.prod(spec.shape))
+    return None
+
+
+def row_dims(fn: Function) -> dict[str, int] | None:
+    """{input name: its user dimension} when `fn` can run on a subset of its users, else
+    None. The user dimension is the first of the batch's size (tokens [1, B], cur_pos [B],
+    page_table [B, blocks])."""
+    batch = batch_of(fn)
+    if batch is None or batch <= 1 or any(op.op not in ROW_WISE_OPS for op in fn.ops):
+        return None
+    dims = {}
+    for spec in fn.inputs:
+        if spec.source not in ROW_SOURCES or batch not in spec.shape:
+            return None
+        dims[spec.name] = spec.shape.index(batch)
+    for name in fn.outputs:
+        shape = fn.tensors[name].shape
+        if batch not in shape or not all(isinstance(d, int) for d in shape):
+            return None
+    return dims
+
+
+def active_users(fn: Function, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Indices of the users at a position >= 0, or None when all are active."""
+    positions = np.asarray(inputs["positions"]).reshape(-1)
+    rows = np.flatnonzero(positions >= 0)
+    return None if len(rows) == positions.size else rows
+
+
+def select(fn: Function, host: dict[str, np.ndarray], dims: dict[str, int], rows: np.ndarray) -> dict:
+    """{input name: its array (in its spec's shape) at the users in `rows`}."""
+    return {name: np.take(array, rows, axis=dims[name]) for name, array in host.items()}
+
+
+def scatter(fn: Function, outputs: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+    """Outputs of the users in `rows` placed at their rows of full-batch outputs (zeros
+    elsewhere). `outputs` may be None for an empty `rows` (nothing computed)."""
+    batch = batch_of(fn)
+    full = []
+    for i, name in enumerate(fn.outputs):
+        shape = list(fn.tensors[name].shape)
+        whole = np.zeros(shape, dtype=np.float32)
+        if len(rows):
+            dim = shape.index(batch)
+            index = [slice(None)] * len(shape)
+            index[dim] = rows
+            whole[tuple(index)] = outputs[i].reshape([len(rows) if d == dim else n for d, n in enumerate(shape)])
+        full.append(whole)
+    return full
+
+
+class UserGenerators:
+    """The per-user sampling generators as a step's rows see them: row i is user rows[i]
+    (all users in order when the step computes every row)."""
+
+    def __init__(self, generators: list):
+        self.generators = generators
+        self.rows: np.ndarray | None = None
+
+    def __getitem__(self, row: int):
+        return self.generators[row if self.rows is None else int(self.rows[row])]
