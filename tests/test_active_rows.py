@@ -1,6 +1,8 @@
-"""A decode step computed for the active users only (runtime/emulator/active_rows.py) gives
-those users bit for bit what the whole step gives them: logits, tokens sampled on the
-device, and the KV blocks written; the inactive rows come back as zeros."""
+"""Rows computed only where they matter (runtime/emulator/active_rows.py). A decode step
+computed for the active users only gives those users bit for bit what the whole step
+gives them: logits, tokens sampled on the device, and the KV blocks written; the inactive
+rows come back as zeros. A prefill without its padding rows gives the same logits and
+the same KV blocks through the prompt's last one."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,6 +64,43 @@ def test_active_users_only_equals_the_whole_step(model, compile_artifact, target
     assert skipped[2].keys() == whole[2].keys() and skipped[2]
     for name in whole[2]:
         for got, want in zip(skipped[2][name], whole[2][name]):
+            assert torch.equal(got, want), name
+
+
+def _prefills(session, trimmed: bool, rows_run: list):
+    backend = session.backend
+    backend.reset()
+    backend.prefill_trimmable = {name: trimmed and ok for name, ok in backend.prefill_trimmable.items()}
+    run = backend._run
+
+    def counting(fn_name, host, scalars):
+        rows_run.append(host["tokens"].shape[-1]) if fn_name == "prefill" else None
+        return run(fn_name, host, scalars)
+    backend._run = counting
+    lengths = (5, 40, 100, 150)
+    logits = [session.prefill([int(t) for t in np.random.default_rng(n).integers(3, 200, n)], user)
+              for user, n in enumerate(lengths)]
+    block = backend.block_size
+    prompt_blocks = [b for user, n in enumerate(lengths) for b in session.pages.row(user)[:-(-n // block)]]
+    caches = {name: [backend.chip_tensor(name, chip)[prompt_blocks].clone() for chip in range(backend.chips)]
+              for name in backend.page_pools}
+    return logits, caches
+
+
+@pytest.mark.parametrize("target", ["N150", "TG"])
+def test_prefill_without_its_padding_equals_with_it(model, compile_artifact, target):
+    """Prompts of 5, 40, 100 and 150 tokens, padded to 128, 128, 128 and 256 rows,
+    prefilled in chunks of 128."""
+    artifact = compile_artifact(model, target=target, batch_size=4, max_seq_len=256, max_prefill_chunk=128)
+    whole_rows, trimmed_rows = [], []
+    whole = _prefills(runtime.load(artifact), False, whole_rows)
+    trimmed = _prefills(runtime.load(artifact), True, trimmed_rows)
+    assert whole_rows == [128, 128, 128, 128, 128]
+    assert trimmed_rows == [32, 64, 128, 128, 32]  # whole blocks through the last prompt row
+    for got, want in zip(trimmed[0], whole[0]):
+        assert np.array_equal(got, want)
+    for name in whole[1]:
+        for got, want in zip(trimmed[1][name], whole[1][name]):
             assert torch.equal(got, want), name
 
 

@@ -1,4 +1,4 @@
-"""Decode steps computed for the active users only.
+"""Rows computed only where they matter: a decode step's active users, a prefill's prompt.
 
 A decode program is compiled for its batch (say 32 users) and the device computes every
 row of it each step, active or not. A serving batch is rarely full, and on the emulator
@@ -15,6 +15,15 @@ bit-identical to a full step (tests/test_active_rows.py).
 A function qualifies when every op is in ROW_WISE_OPS and every input comes from a
 per-user host array (ROW_SOURCES) with the batch as one of its dimensions; anything else
 (contiguous caches indexed by row, cross-attention caches, literal reshapes) runs whole.
+
+Prefill the same way: a prompt is padded to at least 128 rows (the reference's shapes)
+and its last chunk is mostly padding. A paged prefill's ops are row-wise or causal
+(attention in 32-row query blocks that never look past their last row), so the rows
+after the KV block holding the prompt's last token change nothing a later step reads:
+the logits come from the last token's tile, and decode writes each later position before
+it attends to it. The emulator leaves those rows out (prefill_rows); the KV slots of the
+blocks of padding alone keep what they held (on a device: the padding rows' keys and
+values), which no step reads before overwriting.
 """
 from __future__ import annotations
 
@@ -94,6 +103,43 @@ def scatter(fn: Function, outputs: list[np.ndarray], rows: np.ndarray) -> list[n
             whole[tuple(index)] = outputs[i].reshape([len(rows) if d == dim else n for d, n in enumerate(shape)])
         full.append(whole)
     return full
+
+
+# Ops of a paged prefill whose rows depend only on the rows before them.
+CAUSAL_OPS = ROW_WISE_OPS - {"ttnn.experimental.paged_update_cache",
+                             "ttnn.transformer.paged_scaled_dot_product_attention_decode",
+                             "ttnn.experimental.nlp_create_qkv_heads_decode",
+                             "ttnn.experimental.nlp_concat_heads_decode", "ttnn.sampling", "ttnn.topk"} | {
+    "ttnn.experimental.nlp_create_qkv_heads", "ttnn.experimental.nlp_concat_heads",
+    "ttnn.experimental.paged_fill_cache", "ttnn.transformer.chunked_scaled_dot_product_attention",
+    "ttnn.slice"}
+PREFILL_SOURCES = frozenset({"tokens", "positions", "page_table", "chunk_page_table"})
+TILE = 32
+
+
+def prefill_trimmable(fn: Function) -> bool:
+    """A paged prefill of causal ops whose per-row inputs are tokens and positions and
+    whose outputs do not grow with its rows (the last tile's logits)."""
+    sources = {spec.source for spec in fn.inputs}
+    return ("chunk_page_table" in sources and sources <= PREFILL_SOURCES
+            and all(op.op in CAUSAL_OPS for op in fn.ops)
+            and all(isinstance(d, int) for name in fn.outputs for d in fn.tensors[name].shape))
+
+
+def prefill_rows(host: dict[str, np.ndarray], scalars: dict, block_size: int) -> int:
+    """The rows of a prefill call that reach what the host sees: through the tile its
+    logits are read from (last_tile_start: the prompt's last token, in the call that
+    holds it), in whole KV blocks; never more than the call has."""
+    rows = host["tokens"].shape[-1]
+    read = int(scalars.get("last_tile_start", rows - TILE)) + TILE
+    step = int(np.lcm(block_size, TILE))
+    return min(rows, -(-read // step) * step)
+
+
+def trim_prefill(host: dict[str, np.ndarray], rows: int, block_size: int) -> dict[str, np.ndarray]:
+    """A prefill call's inputs cut to its first `rows` rows (and the blocks they fill)."""
+    cut = {"tokens": rows, "positions": rows, "chunk_page_table": rows // block_size}
+    return {name: array[..., :cut[name]] if name in cut else array for name, array in host.items()}
 
 
 class UserGenerators:

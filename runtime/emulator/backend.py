@@ -77,6 +77,8 @@ class EmulatorBackend:
         self.sampling_rngs = [np.random.default_rng(u) for u in range(32)]
         self.user_generators = active_rows.UserGenerators(self.sampling_rngs)
         self.row_dims = {name: active_rows.row_dims(fn) for name, fn in program.functions.items()}
+        self.prefill_trimmable = {name: active_rows.prefill_trimmable(fn) and bool(self.page_pools)
+                                  for name, fn in program.functions.items()}
         self._load_weights(weights_dir, weights)
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
@@ -201,6 +203,11 @@ class EmulatorBackend:
             else:
                 self.env[name] = [torch.zeros(piece, dtype=dtype) for _ in range(self.chips)]
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block: a page pool is [blocks, Hkv, block_size, hd]."""
+        return int(self.program.state[next(iter(self.page_pools))].shape[2])
+
     def _chip_shape(self, spec) -> list[int]:
         """One chip's shape of a state tensor (split by its placement, as place() splits)."""
         shape = list(spec.shape)
@@ -264,6 +271,9 @@ class EmulatorBackend:
         fn = self.program.functions[fn_name]
         host = {spec.name: np.asarray(inputs[spec.source]).reshape(
             [d if isinstance(d, int) else -1 for d in spec.shape]) for spec in fn.inputs}
+        if self.prefill_trimmable[fn_name]:  # leave out the padding rows nothing reads
+            rows = active_rows.prefill_rows(host, scalars or {}, self.block_size)
+            host = active_rows.trim_prefill(host, rows, self.block_size)
         dims = self.row_dims[fn_name]
         rows = active_rows.active_users(fn, inputs) if dims else None
         if rows is None:

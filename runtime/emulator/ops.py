@@ -271,7 +271,10 @@ def _masked_decode(q, k_cache, v_cache, mask, scale):
     return out.reshape(1, batch, n_heads, head_dim)
 
 
-Q_BLOCK = 256  # query rows per step: scores stay [H, 256, context], never [H, S, context]
+# Query rows per step: scores stay [H, 32, context], never [H, S, context]; and a query
+# block's result does not depend on how many rows follow it, so a prefill's padding rows
+# can be left out bit for bit (active_rows.prefill_rows).
+Q_BLOCK = 32
 
 
 @impl("ttnn.transformer.chunked_scaled_dot_product_attention")
