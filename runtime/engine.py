@@ -7,9 +7,12 @@ tokens.
 
 What it guarantees:
 - `prefill_chunk` runs one prefill call: one chunk of one user's padded prompt, written
-  to the KV blocks of that user's page-table row only. Rows past the prompt are padding:
-  a chunk writes only the blocks that hold prompt positions (the caller may have given
-  no more, as vLLM does), and a chunk of padding alone is never run. Earlier chunks of
+  to the KV blocks of that user's page-table row. ttnn's paged_fill_cache writes a whole
+  chunk and wants a block for every `block_size` rows of it, so the chunk's page table
+  covers the chunk: rows past the prompt are padding, and their entries past the blocks
+  the caller gave (vLLM gives the prompt's blocks only) are NULL_BLOCK, block 0, which
+  no user is ever given (vLLM V1 keeps block 0 as its null block the same way; ttserve's
+  allocator starts at block 1). A chunk of padding alone is never run. Earlier chunks of
   the same user must have run (each chunk attends to them through the page table).
 - `decode` runs one decode step of every slot; a slot at position < 0 is inactive and
   reads and writes no cache. Slots never see each other's blocks: each reads its own row.
@@ -30,6 +33,7 @@ from . import schedule
 from .sampling import sample
 
 TILE = 32
+NULL_BLOCK = 0  # no user's block: the padding rows of a prompt's last chunk land here
 
 
 class EngineError(ValueError):
@@ -82,7 +86,8 @@ class Engine:
 
     def table_row(self, blocks) -> np.ndarray:
         """A page-table row of the program's width [blocks_per_user] from a user's blocks
-        (entries past them point at block 0 and are never read)."""
+        (entries past them are NULL_BLOCK: only a prompt's padding is written there, and
+        nothing reads it)."""
         blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
         if len(blocks) > self.blocks_per_user:
             if np.any(blocks[self.blocks_per_user:]):
@@ -91,7 +96,7 @@ class Engine:
             blocks = blocks[: self.blocks_per_user]
         if len(blocks) and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
             raise EngineError(f"page-table entries must be blocks 0..{self.num_blocks - 1} of the pool")
-        row = np.zeros(self.blocks_per_user, dtype=np.int64)
+        row = np.full(self.blocks_per_user, NULL_BLOCK, dtype=np.int64)
         row[: len(blocks)] = blocks
         return row
 
@@ -103,8 +108,7 @@ class Engine:
         tokens = np.zeros((1, rows), dtype=np.int64)
         real = token_ids[start:start + rows]
         tokens[0, : len(real)] = real
-        prompt_blocks = schedule.blocks_for(length, self.block_size)
-        first, end = start // self.block_size, min((start + rows) // self.block_size, prompt_blocks)
+        first, end = start // self.block_size, (start + rows) // self.block_size
         inputs = {"tokens": tokens, "positions": np.arange(start, start + rows)[None],
                   "page_table": row[None], "chunk_page_table": row[None, first:end],
                   **self.session.images.prefill_inputs(slot, start, rows)}

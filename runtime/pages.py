@@ -17,9 +17,13 @@ class PagePoolExhausted(ValueError):
 
 
 class PageAllocator:
-    def __init__(self, num_blocks: int, block_size: int, blocks_per_user: int, seed: int = 0):
-        self.num_blocks, self.block_size, self.blocks_per_user = num_blocks, block_size, blocks_per_user
-        self._order = np.random.default_rng(seed).permutation(num_blocks).tolist()
+    def __init__(self, num_blocks: int, block_size: int, blocks_per_user: int, seed: int = 0,
+                 first_block: int = 0):
+        """Hands out blocks first_block..num_blocks-1 (`num_blocks` afterwards counts those:
+        the serving engine keeps block 0 out of every user's hands, runtime/engine.py)."""
+        self.num_blocks, self.block_size, self.blocks_per_user = num_blocks - first_block, block_size, blocks_per_user
+        order = np.random.default_rng(seed).permutation(self.num_blocks) + first_block
+        self._order = order.tolist()
         self.reset()
 
     def reset(self) -> None:

@@ -71,7 +71,7 @@ def test_endpoints(server, client):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     m = metrics(server)
     assert all(name in m for name in REQUIRED_METRICS)
-    assert m["ttserve_kv_blocks_total"] == 20
+    assert m["ttserve_kv_blocks_total"] == 19  # 20 less the null block
 
 
 def test_completion_stream_equals_whole(server, client):
@@ -255,7 +255,7 @@ def test_ttserve_command(program):
                                stderr=subprocess.PIPE, text=True)
     try:
         banner = process.stderr.readline()
-        assert re.search(rf"serving serve-llama \(4 decode slots, 20 KV blocks\) at http://127.0.0.1:{port}", banner)
+        assert re.search(rf"serving serve-llama \(4 decode slots, 19 KV blocks\) at http://127.0.0.1:{port}", banner)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(url + "/health").status_code == 200)
         answer = httpx.post(url + "/v1/completions", json={"model": "serve-llama", "prompt": "Hi", "max_tokens": 2},

@@ -22,7 +22,7 @@ class PlaysVLLM:
     def __init__(self, model, kv_cache, num_blocks, block_size, max_batch, seed=0):
         self.model, self.kv_cache, self.block_size, self.max_batch = model, kv_cache, block_size, max_batch
         self.rng = np.random.default_rng(seed)
-        self.free = self.rng.permutation(num_blocks).tolist()
+        self.free = (self.rng.permutation(num_blocks - 1) + 1).tolist()  # block 0: vLLM V1's null block
         self.eos = model.session.tokenizer.eos_token_ids
         self.running, self.done = [], {}
 

@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from .. import schedule
-from ..engine import Engine, Sampler
+from ..engine import NULL_BLOCK, Engine, Sampler
 from ..pages import PageAllocator
 
 log = logging.getLogger("ttserve")
@@ -101,7 +101,8 @@ class Scheduler:
     def __init__(self, session, max_waiting: int = 128, listener=None, clock=time.perf_counter):
         self.engine = Engine(session)
         engine = self.engine
-        self.pages = PageAllocator(engine.num_blocks, engine.block_size, engine.blocks_per_user)
+        self.pages = PageAllocator(engine.num_blocks, engine.block_size, engine.blocks_per_user,
+                                   first_block=NULL_BLOCK + 1)
         self.slots: list[Request | None] = [None] * engine.batch_size
         self.waiting: deque[Request] = deque()
         self.max_waiting = max_waiting
