@@ -18,6 +18,8 @@ along the collective's axis, so the collectives here run unchanged.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowering.program import resolve_scalar
@@ -29,6 +31,54 @@ from .pools import MeshPagePool
 LEAD = 2  # leading dimensions: mesh rows, mesh columns
 BATCHED = {}
 MESH_COLLECTIVES = {}
+
+
+@dataclass
+class SharedPieces(PreparedWeight):
+    """A matmul operand whose chips hold only a few distinct pieces (a TG program of a
+    model with fewer heads than chips: the chips of one KV head, and those whose query
+    head is padding, hold equal wqkv pieces): `values` [U, N, K] holds each distinct piece
+    once and chip (i, j) holds values[chip_piece[i * cols + j]]. A linear on a replicated
+    activation multiplies by the U pieces only, and every chip takes its piece's result:
+    the same float64 products and sums, so the same bits, for U/(rows*cols) of the bytes."""
+
+    chip_piece: torch.Tensor = None  # [rows * cols] int64
+    lead: tuple = (1, 1)
+
+    @property
+    def chips_of_piece(self) -> list[torch.Tensor]:
+        if "_chips" not in self.__dict__:
+            self.__dict__["_chips"] = [(self.chip_piece == u).nonzero().flatten() for u in range(len(self.values))]
+        return self.__dict__["_chips"]
+
+    def piece(self, i: int, j: int) -> torch.Tensor:
+        return self.values[int(self.chip_piece[i * self.lead[1] + j])]
+
+
+def share_equal_pieces(weight: PreparedWeight) -> PreparedWeight:
+    """A stacked operand [rows, cols, N, K] whose chips hold fewer distinct pieces than
+    there are chips, as SharedPieces; otherwise unchanged. Pieces are grouped by a
+    checksum, then compared exactly."""
+    values = weight.values
+    if _is_replicated(values):
+        return weight
+    lead = tuple(values.shape[:LEAD])
+    flat = values.reshape(lead[0] * lead[1], *values.shape[LEAD:])
+    sums = flat.flatten(1)
+    keys = torch.stack([sums.sum(1), (sums * sums).sum(1)], 1).tolist()
+    distinct, chip_piece = [], []
+    for chip, key in enumerate(keys):
+        for index, (rep, rep_key) in enumerate(distinct):
+            if rep_key == key and torch.equal(flat[rep], flat[chip]):
+                chip_piece.append(index)
+                break
+        else:
+            chip_piece.append(len(distinct))
+            distinct.append((chip, key))
+    if len(distinct) == len(keys):
+        return weight
+    pieces = flat[[rep for rep, _ in distinct]].clone()
+    return SharedPieces(pieces, weight.parts, weight.multiplier, torch.tensor(chip_piece), lead)
 
 
 def batched(*names):
@@ -49,6 +99,8 @@ def _is_replicated(value) -> bool:
         return value.shape[0] == 1 and value.shape[1] == 1
     if isinstance(value, list):
         return all(_is_replicated(v) for v in value)
+    if isinstance(value, SharedPieces):
+        return False
     if isinstance(value, PreparedWeight):
         return _is_replicated(value.values)
     return not isinstance(value, MeshPagePool)
@@ -71,6 +123,8 @@ def _pick(value, i: int, j: int):
         return value[i if value.shape[0] > 1 else 0, j if value.shape[1] > 1 else 0]
     if isinstance(value, list):
         return [_pick(v, i, j) for v in value]
+    if isinstance(value, SharedPieces):
+        return PreparedWeight(value.piece(i, j), value.parts, value.multiplier)
     if isinstance(value, PreparedWeight):
         return PreparedWeight(_pick(value.values, i, j), value.parts, value.multiplier)
     if isinstance(value, MeshPagePool):
@@ -83,6 +137,8 @@ def _lead_of(values) -> tuple[int, int]:
     for v in values:
         if isinstance(v, list):
             r, c = _lead_of(v)
+        elif isinstance(v, SharedPieces):
+            r, c = v.lead
         elif isinstance(v, PreparedWeight):
             r, c = v.values.shape[:LEAD]
         elif isinstance(v, (torch.Tensor, MeshPagePool)):
@@ -248,10 +304,41 @@ def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_
         return per_chip(impl, (a, weight), kw)
     multiplier = weight.multiplier
     act = fidelity._activation(a, weight.parts, multiplier)
-    values = weight.values
-    values = values.reshape(*values.shape[:LEAD], *(1,) * (act.dim() - LEAD - 2), *values.shape[-2:])
-    acc = torch.matmul(act, values.transpose(-1, -2))
+    if isinstance(weight, SharedPieces):
+        acc = _shared_product(act, weight)
+    elif _is_replicated(act):
+        acc = _against_every_piece(act[0, 0], weight.values.flatten(0, LEAD - 1)).unflatten(
+            0, weight.values.shape[:LEAD])
+    else:
+        values = weight.values
+        values = values.reshape(*values.shape[:LEAD], *(1,) * (act.dim() - LEAD - 2), *values.shape[-2:])
+        acc = torch.matmul(act, values.transpose(-1, -2))
     return fidelity.pack(fidelity.fp32_dst(acc, None if bias is None else bias[0, 0]), dtype, multiplier)
+
+
+def _against_every_piece(x: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
+    """One chip's activation x [..., M, K] against pieces [P, N, K] -> [P, ..., M, N], as
+    one GEMM against the pieces side by side [P * N, K] (32 small batched GEMVs cost 2-3x
+    the time of one wide one)."""
+    count, n = pieces.shape[0], pieces.shape[1]
+    acc = torch.nn.functional.linear(x, pieces.reshape(count * n, pieces.shape[2]))
+    return acc.unflatten(-1, (count, n)).movedim(-2, 0)
+
+
+def _shared_product(act: torch.Tensor, weight: SharedPieces) -> torch.Tensor:
+    """act @ each chip's piece^T, reading each distinct piece once: with a replicated
+    activation one matmul against the pieces, each chip then taking its piece's result;
+    otherwise one matmul per piece over the chips that hold it."""
+    pieces = weight.values  # [U, N, K]
+    if _is_replicated(act):
+        acc = _against_every_piece(act[0, 0], pieces)
+        return acc[weight.chip_piece].reshape(*weight.lead, *acc.shape[1:])
+    rows, cols = weight.lead
+    flat = act.expand(rows, cols, *act.shape[LEAD:]).reshape(rows * cols, *act.shape[LEAD:])
+    acc = torch.empty(*flat.shape[:-1], pieces.shape[1], dtype=flat.dtype)
+    for index, chips in enumerate(weight.chips_of_piece):
+        acc[chips] = torch.matmul(flat[chips], pieces[index].t())
+    return acc.reshape(rows, cols, *acc.shape[1:])
 
 
 # ---------------------------------------------------------------- paged caches
@@ -383,7 +470,9 @@ def stack_weight(pieces: list, mesh_shape):
     if isinstance(pieces[0], PreparedWeight):
         first = pieces[0]
         by_id = {id(p): p.values for p in pieces}
-        return PreparedWeight(stack_pieces([by_id[id(p)] for p in pieces], mesh_shape), first.parts, first.multiplier)
+        stacked = PreparedWeight(stack_pieces([by_id[id(p)] for p in pieces], mesh_shape), first.parts,
+                                 first.multiplier)
+        return share_equal_pieces(stacked)
     return stack_pieces(pieces, mesh_shape)
 
 
