@@ -92,3 +92,34 @@ def test_page_pool_reads_like_a_dense_cache():
     assert torch.equal(pool[:3], dense[:3])
     assert torch.equal(pool.dense(), dense)
     assert pool.slots.used == 1 + 5
+
+
+# ---------------------------------------------------------------- equal pieces held once
+def test_chips_with_equal_matmul_pieces_share_one_copy_and_multiply_the_same():
+    """A [2, 4]-chip operand with 3 distinct pieces (as a TG program's padded heads and
+    replicated KV heads give) is held as 3 pieces; linear on a replicated and on a per-chip
+    activation gives the bits of the whole stack."""
+    from runtime.emulator import fidelity, mesh, ops
+
+    g = torch.Generator().manual_seed(0)
+    distinct = [torch.randn(16, 32, generator=g).bfloat16().float() for _ in range(3)]
+    distinct[2].zero_()  # a chip whose query head is padding
+    owner = [0, 1, 2, 2, 1, 0, 2, 2]
+    multiplier = fidelity.Multiplier("HiFi2", True)
+    per_chip = [fidelity.prepare_weight(distinct[o], multiplier) for o in owner]
+    shared = mesh.stack_weight(per_chip, (2, 4))
+    assert isinstance(shared, mesh.SharedPieces) and len(shared.values) == 3
+    assert shared.chip_piece.tolist() == [0, 1, 2, 2, 1, 0, 2, 2]
+    whole = fidelity.PreparedWeight(torch.stack([p.values for p in per_chip]).reshape(2, 4, 16, 32),
+                                    per_chip[0].parts, multiplier)
+    for x in (torch.randn(1, 1, 1, 1, 5, 32, generator=g).bfloat16(),  # the same on every chip
+              torch.randn(2, 4, 1, 1, 5, 32, generator=g).bfloat16()):  # each chip its own
+        got = mesh.BATCHED["ttnn.linear"](ops.IMPLS["ttnn.linear"], x, shared, dtype="bfloat16")
+        stacked = mesh.BATCHED["ttnn.linear"](ops.IMPLS["ttnn.linear"], x, whole, dtype="bfloat16")
+        # the reference: each chip alone, as the single-chip emulator computes it
+        want = torch.stack([fidelity.linear(x[min(c // 4, x.shape[0] - 1), min(c % 4, x.shape[1] - 1)],
+                                            per_chip[c], dtype="bfloat16") for c in range(8)]).reshape(got.shape)
+        assert got.shape == (2, 4, 1, 1, 5, 16)
+        for value in (got, stacked):  # bit for bit, signed zeros too
+            assert torch.equal(value.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(mesh.chip_views(shared, (2, 4))[6].values, distinct[2])
