@@ -10,15 +10,14 @@ runs chip by chip and its results are stacked (correct for every op, only slower
 Collectives are reductions and concatenations over the leading dimensions, summing in
 the order the per-chip emulator does, so results are bit for bit the same.
 
-Paged KV caches are MeshPagePool (pools.py): memory for the blocks written only.
+Paged KV caches are MeshPagePool (pools.py): memory for the blocks written only. Matmul
+operands whose chips hold equal pieces hold each once (shared_pieces.py).
 
 Spread over processes (ranks.py), a process's mesh values hold only its block of the
 leading dimensions; `run`'s `full_along` gives a collective's input the whole stack
 along the collective's axis, so the collectives here run unchanged.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -27,58 +26,11 @@ from lowering.program import resolve_scalar
 from . import fidelity, ops
 from .fidelity import PreparedWeight
 from .pools import MeshPagePool
+from .shared_pieces import SharedPieces, against_every_piece, share_equal_pieces, shared_product
 
 LEAD = 2  # leading dimensions: mesh rows, mesh columns
 BATCHED = {}
 MESH_COLLECTIVES = {}
-
-
-@dataclass
-class SharedPieces(PreparedWeight):
-    """A matmul operand whose chips hold only a few distinct pieces (a TG program of a
-    model with fewer heads than chips: the chips of one KV head, and those whose query
-    head is padding, hold equal wqkv pieces): `values` [U, N, K] holds each distinct piece
-    once and chip (i, j) holds values[chip_piece[i * cols + j]]. A linear on a replicated
-    activation multiplies by the U pieces only, and every chip takes its piece's result:
-    the same float64 products and sums, so the same bits, for U/(rows*cols) of the bytes."""
-
-    chip_piece: torch.Tensor = None  # [rows * cols] int64
-    lead: tuple = (1, 1)
-
-    @property
-    def chips_of_piece(self) -> list[torch.Tensor]:
-        if "_chips" not in self.__dict__:
-            self.__dict__["_chips"] = [(self.chip_piece == u).nonzero().flatten() for u in range(len(self.values))]
-        return self.__dict__["_chips"]
-
-    def piece(self, i: int, j: int) -> torch.Tensor:
-        return self.values[int(self.chip_piece[i * self.lead[1] + j])]
-
-
-def share_equal_pieces(weight: PreparedWeight) -> PreparedWeight:
-    """A stacked operand [rows, cols, N, K] whose chips hold fewer distinct pieces than
-    there are chips, as SharedPieces; otherwise unchanged. Pieces are grouped by a
-    checksum, then compared exactly."""
-    values = weight.values
-    if _is_replicated(values):
-        return weight
-    lead = tuple(values.shape[:LEAD])
-    flat = values.reshape(lead[0] * lead[1], *values.shape[LEAD:])
-    sums = flat.flatten(1)
-    keys = torch.stack([sums.sum(1), (sums * sums).sum(1)], 1).tolist()
-    distinct, chip_piece = [], []
-    for chip, key in enumerate(keys):
-        for index, (rep, rep_key) in enumerate(distinct):
-            if rep_key == key and torch.equal(flat[rep], flat[chip]):
-                chip_piece.append(index)
-                break
-        else:
-            chip_piece.append(len(distinct))
-            distinct.append((chip, key))
-    if len(distinct) == len(keys):
-        return weight
-    pieces = flat[[rep for rep, _ in distinct]].clone()
-    return SharedPieces(pieces, weight.parts, weight.multiplier, torch.tensor(chip_piece), lead)
 
 
 def batched(*names):
@@ -305,40 +257,15 @@ def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_
     multiplier = weight.multiplier
     act = fidelity._activation(a, weight.parts, multiplier)
     if isinstance(weight, SharedPieces):
-        acc = _shared_product(act, weight)
+        acc = shared_product(act, weight)
     elif _is_replicated(act):
-        acc = _against_every_piece(act[0, 0], weight.values.flatten(0, LEAD - 1)).unflatten(
+        acc = against_every_piece(act[0, 0], weight.values.flatten(0, LEAD - 1)).unflatten(
             0, weight.values.shape[:LEAD])
     else:
         values = weight.values
         values = values.reshape(*values.shape[:LEAD], *(1,) * (act.dim() - LEAD - 2), *values.shape[-2:])
         acc = torch.matmul(act, values.transpose(-1, -2))
     return fidelity.pack(fidelity.fp32_dst(acc, None if bias is None else bias[0, 0]), dtype, multiplier)
-
-
-def _against_every_piece(x: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
-    """One chip's activation x [..., M, K] against pieces [P, N, K] -> [P, ..., M, N], as
-    one GEMM against the pieces side by side [P * N, K] (32 small batched GEMVs cost 2-3x
-    the time of one wide one)."""
-    count, n = pieces.shape[0], pieces.shape[1]
-    acc = torch.nn.functional.linear(x, pieces.reshape(count * n, pieces.shape[2]))
-    return acc.unflatten(-1, (count, n)).movedim(-2, 0)
-
-
-def _shared_product(act: torch.Tensor, weight: SharedPieces) -> torch.Tensor:
-    """act @ each chip's piece^T, reading each distinct piece once: with a replicated
-    activation one matmul against the pieces, each chip then taking its piece's result;
-    otherwise one matmul per piece over the chips that hold it."""
-    pieces = weight.values  # [U, N, K]
-    if _is_replicated(act):
-        acc = _against_every_piece(act[0, 0], pieces)
-        return acc[weight.chip_piece].reshape(*weight.lead, *acc.shape[1:])
-    rows, cols = weight.lead
-    flat = act.expand(rows, cols, *act.shape[LEAD:]).reshape(rows * cols, *act.shape[LEAD:])
-    acc = torch.empty(*flat.shape[:-1], pieces.shape[1], dtype=flat.dtype)
-    for index, chips in enumerate(weight.chips_of_piece):
-        acc[chips] = torch.matmul(flat[chips], pieces[index].t())
-    return acc.reshape(rows, cols, *acc.shape[1:])
 
 
 # ---------------------------------------------------------------- paged caches
