@@ -13,7 +13,6 @@ bad configs, and YaRN RoPE against Hugging Face.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil

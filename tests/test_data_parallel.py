@@ -218,7 +218,7 @@ def test_replicas_replay_on_mock_t3k_sub_meshes(ttnn_python, compile_artifact, m
                                       no_weights=True)}
     results, stderr = replay_all(ttnn_python, artifacts)
     for label, (count, replica, shape) in {"4 x N300": (4, "N300", [1, 2]), "8 x N150": (8, "N150", [1, 1])}.items():
-        summary = check_replicas(results[label], "T3K", count, replica, shape)
+        check_replicas(results[label], "T3K", count, replica, shape)
         assert f"{count} replicas of the {replica} program on {'x'.join(map(str, shape))} sub-meshes" in stderr
     loads = [r["weight_load"]["from"] for r in results["4 x N300"]["summary"]["replicas"]]
     assert loads[1:] == ["ttnn files"] * 3, loads

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ from compiler.pipeline import run_pipeline
 from compiler.targets import get_target
 from compiler.trace import trace
 from models_ref.config import load_config, seed_model_dirs
-from passes import memory_plan
 from compiler.memory import GB, MemoryPlan, device_bytes
 from passes.memory_plan import _live_points
 from runtime.blockfloat import bytes_for

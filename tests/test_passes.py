@@ -353,7 +353,7 @@ def test_pipeline_on_traced_model(mode, qkv_bias):
     assert count(gm, ref.split_heads) == 0 and "call_module" not in str(gm.graph)
     cache_op = ref.update_cache if mode == "decode" else ref.fill_cache
     assert count(gm, cache_op) == 2 * n
-    assert (f"layers.0.attention.wqkv.bias" in ctx.facts.weights) == qkv_bias
+    assert ("layers.0.attention.wqkv.bias" in ctx.facts.weights) == qkv_bias
     for name in ("wq", "wk", "wv"):
         assert f"layers.0.attention.{name}.weight" not in ctx.facts.weights
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import runtime
-from compiler.options import CompileOptions
 from compiler.targets import TARGETS
 from fixtures import hf_logits, hf_reference, pcc
 from passes.head_plan import PAD, plan_heads
