@@ -96,7 +96,6 @@ def _check(single: dict, ranks: list[dict]) -> None:
     matmul pieces are equal share one copy within a process, mesh.SharedPieces: split over
     ranks, each rank holds a copy of a piece its chips share, so the ranks hold at least
     the single process's sharded bytes between them, not an equal share each.)"""
-    world = len(ranks)
     for result in ranks:
         assert np.array_equal(result["logits"], single["logits"])
         assert np.array_equal(result["tokens"], single["tokens"])
@@ -104,7 +103,6 @@ def _check(single: dict, ranks: list[dict]) -> None:
     sharded = [int(r["weights"][0]) for r in ranks]
     assert sum(sharded) >= single["weights"][0]
     assert max(sharded) < single["weights"][0]
-    assert len(sharded) == world
 
 
 def test_two_ranks_equal_one_process(programs, single, tmp_path):

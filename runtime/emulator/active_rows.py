@@ -29,21 +29,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowering.optable import OPS
 from lowering.program import Function
+
+from .ops import TILE
 
 # Host arrays with one entry (or row) per user.
 ROW_SOURCES = frozenset({"tokens", "positions", "page_table", "sample_k", "sample_p", "sample_temp"})
 
-# Ops whose output row u depends on input row u only (per-user caches reached through the
-# page table; collectives concatenate or reduce across chips, never across rows).
-ROW_WISE_OPS = frozenset({
-    "ttnn.embedding", "ttnn.unsqueeze_to_4D", "ttnn.transpose", "ttnn.rms_norm", "ttnn.linear",
-    "ttnn.add", "ttnn.mul", "ttnn.silu", "ttnn.typecast", "ttnn.to_memory_config", "ttnn.to_layout",
-    "ttnn.experimental.nlp_create_qkv_heads_decode", "ttnn.experimental.rotary_embedding_llama",
-    "ttnn.experimental.paged_update_cache", "ttnn.transformer.paged_scaled_dot_product_attention_decode",
-    "ttnn.experimental.nlp_concat_heads_decode", "ttnn.topk", "ttnn.sampling",
-    "ttnn.all_gather", "ttnn.all_reduce",
-})
+# Ops whose result row u comes from input row u only (lowering/optable.py's `rows`): per-user
+# caches are reached through the page table, collectives combine chips, never rows.
+ROW_WISE_OPS = frozenset(name for name, op in OPS.items() if op.rows == "own")
 
 
 def batch_of(fn: Function) -> int | None:
@@ -83,7 +79,7 @@ def active_users(fn: Function, inputs: dict[str, np.ndarray]) -> np.ndarray | No
     return None if len(rows) == positions.size else rows
 
 
-def select(fn: Function, host: dict[str, np.ndarray], dims: dict[str, int], rows: np.ndarray) -> dict:
+def select(host: dict[str, np.ndarray], dims: dict[str, int], rows: np.ndarray) -> dict:
     """{input name: its array (in its spec's shape) at the users in `rows`}."""
     return {name: np.take(array, rows, axis=dims[name]) for name, array in host.items()}
 
@@ -105,16 +101,10 @@ def scatter(fn: Function, outputs: list[np.ndarray], rows: np.ndarray) -> list[n
     return full
 
 
-# Ops of a paged prefill whose rows depend only on the rows before them.
-CAUSAL_OPS = ROW_WISE_OPS - {"ttnn.experimental.paged_update_cache",
-                             "ttnn.transformer.paged_scaled_dot_product_attention_decode",
-                             "ttnn.experimental.nlp_create_qkv_heads_decode",
-                             "ttnn.experimental.nlp_concat_heads_decode", "ttnn.sampling", "ttnn.topk"} | {
-    "ttnn.experimental.nlp_create_qkv_heads", "ttnn.experimental.nlp_concat_heads",
-    "ttnn.experimental.paged_fill_cache", "ttnn.transformer.chunked_scaled_dot_product_attention",
-    "ttnn.slice"}
+# Ops of a paged prefill whose rows depend only on the rows before them; and ttnn.slice,
+# which reads the last prompt tile (prefill_rows keeps the rows through it).
+CAUSAL_OPS = frozenset(name for name, op in OPS.items() if op.rows in ("own", "causal")) | {"ttnn.slice"}
 PREFILL_SOURCES = frozenset({"tokens", "positions", "page_table", "chunk_page_table"})
-TILE = 32
 
 
 def prefill_trimmable(fn: Function) -> bool:

@@ -281,7 +281,7 @@ class EmulatorBackend:
         # Some users inactive: compute the active ones' rows only (active_rows.py).
         self.user_generators.rows = rows
         try:
-            outputs = self._run(fn_name, active_rows.select(fn, host, dims, rows), scalars) if len(rows) else None
+            outputs = self._run(fn_name, active_rows.select(host, dims, rows), scalars) if len(rows) else None
         finally:
             self.user_generators.rows = None
         return active_rows.scatter(fn, outputs, rows)

@@ -274,7 +274,7 @@ def _masked_decode(q, k_cache, v_cache, mask, scale):
 # Query rows per step: scores stay [H, 32, context], never [H, S, context]; and a query
 # block's result does not depend on how many rows follow it, so a prefill's padding rows
 # can be left out bit for bit (active_rows.prefill_rows).
-Q_BLOCK = 32
+Q_BLOCK = TILE
 
 
 @impl("ttnn.transformer.chunked_scaled_dot_product_attention")

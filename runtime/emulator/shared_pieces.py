@@ -9,7 +9,7 @@ piece's result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,12 +29,10 @@ class SharedPieces(PreparedWeight):
 
     chip_piece: torch.Tensor = None  # [rows * cols] int64
     lead: tuple = (1, 1)
+    chips_of_piece: list = field(init=False)  # per piece, the chips holding it
 
-    @property
-    def chips_of_piece(self) -> list[torch.Tensor]:
-        if "_chips" not in self.__dict__:
-            self.__dict__["_chips"] = [(self.chip_piece == u).nonzero().flatten() for u in range(len(self.values))]
-        return self.__dict__["_chips"]
+    def __post_init__(self):
+        self.chips_of_piece = [(self.chip_piece == u).nonzero().flatten() for u in range(len(self.values))]
 
     def piece(self, i: int, j: int) -> torch.Tensor:
         return self.values[int(self.chip_piece[i * self.lead[1] + j])]
