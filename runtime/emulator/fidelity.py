@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import exact_gemm
+
 # Fidelity -> the phases it runs (tt-buda dataformats.rst "Math Fidelity").
 PHASES: dict[str, tuple[int, ...]] = {"LoFi": (0,), "HiFi2": (0, 1), "HiFi3": (0, 1, 2), "HiFi4": (0, 1, 2, 3)}
 
@@ -116,11 +118,13 @@ def phase_operands(x: torch.Tensor, w: torch.Tensor, phase: int, fp32_dest: bool
 # ---------------------------------------------------------------- weights, prepared once
 @dataclass
 class PreparedWeight:
-    """A linear's [N, K] weight as the multiplier sees it, in float64: for each activation
-    part in `parts` ("src": whole SrcB value, "high"/"low": SrcB's passes), the sum of the
-    SrcA parts the phases pair with it, side by side along K."""
+    """A linear's [N, K] weight as the multiplier sees it: for each activation part in
+    `parts` ("src": whole SrcB value, "high"/"low": SrcB's passes), the sum of the SrcA
+    parts the phases pair with it, side by side along K. Held in the narrowest dtype that
+    holds the values exactly (bfloat16 for bfloat16 and block-float weights); the matmul
+    forms float64 products from them (exact_gemm.py)."""
 
-    values: torch.Tensor  # float64 [N, K * len(parts)]
+    values: torch.Tensor  # [N, K * len(parts)], bfloat16 / float32 / float64
     parts: tuple[str, ...]
     multiplier: Multiplier
 
@@ -130,7 +134,7 @@ def prepare_weight(w_nk: torch.Tensor, multiplier: Multiplier) -> PreparedWeight
         x_high @ (sum of SrcA parts of P's phases 0/1) + x_low @ (... of phases 2/3),
     e.g. LoFi x_high @ w_high, HiFi2 x_high @ w, HiFi4 x @ w (w, x as held in Src)."""
     if multiplier.fidelity is None:
-        return PreparedWeight(w_nk.to(torch.float64), ("src",), multiplier)
+        return PreparedWeight(_stored(w_nk, w_nk), ("src",), multiplier)
     a_high, a_low = split(src_value(w_nk, "A", multiplier.fp32_dest), "A")
     by_b_part = {}
     for phase in multiplier.phases:
@@ -138,22 +142,32 @@ def prepare_weight(w_nk: torch.Tensor, multiplier: Multiplier) -> PreparedWeight
         key = "low" if phase & 2 else "high"
         by_b_part[key] = part if key not in by_b_part else by_b_part[key] + part
     if len(by_b_part) == 2 and torch.equal(by_b_part["high"], by_b_part["low"]):
-        return PreparedWeight(by_b_part["high"].to(torch.float64), ("src",), multiplier)  # HiFi4
+        return PreparedWeight(_stored(by_b_part["high"], w_nk), ("src",), multiplier)  # HiFi4
     parts = tuple(by_b_part)
-    values = torch.cat([by_b_part[p] for p in parts], dim=-1).to(torch.float64)
-    return PreparedWeight(values, parts, multiplier)
+    values = torch.cat([by_b_part[p] for p in parts], dim=-1)
+    return PreparedWeight(_stored(values, w_nk), parts, multiplier)
+
+
+def _stored(values: torch.Tensor, w_nk: torch.Tensor) -> torch.Tensor:
+    """Operand values at their narrowest exact width; the stored weight itself when equal
+    (so a weight multiplied as stored is held once)."""
+    values = exact_gemm.stored(values)
+    if values.dtype == w_nk.dtype and values.shape == w_nk.shape and torch.equal(values, w_nk):
+        return w_nk
+    return values
 
 
 def _activation(x: torch.Tensor, parts: tuple[str, ...], multiplier: Multiplier) -> torch.Tensor:
-    """The activation parts a prepared weight pairs with, side by side along K, float64."""
+    """The activation parts a prepared weight pairs with, side by side along K (values
+    exact in float32; the matmul widens them to float64)."""
     if multiplier.fidelity is None:
-        return x.to(torch.float64)
+        return x
     src = src_value(x, "B", multiplier.fp32_dest)
     if parts == ("src",):
-        return src.to(torch.float64)
+        return src
     high, low = split(src, "B")
     chosen = {"high": high, "low": low}
-    return torch.cat([chosen[p] for p in parts], dim=-1).to(torch.float64)
+    return torch.cat([chosen[p] for p in parts], dim=-1)
 
 
 # ---------------------------------------------------------------- rounding
@@ -202,7 +216,7 @@ def pack(dst: torch.Tensor, dtype: str | None, multiplier: Multiplier) -> torch.
 
 def _fp32_dest_product(x, weight: PreparedWeight, bias) -> torch.Tensor:
     """Exact products summed in float64 (bias included), rounded once to the float32 Dst."""
-    return fp32_dst(torch.nn.functional.linear(_activation(x, weight.parts, weight.multiplier), weight.values), bias)
+    return fp32_dst(exact_gemm.linear(_activation(x, weight.parts, weight.multiplier), weight.values), bias)
 
 
 def _bf16_dest_product(x, w_nk, bias, multiplier: Multiplier) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from lowering.program import resolve_scalar
 
 from . import fidelity, ops
+from . import exact_gemm
 from .fidelity import PreparedWeight
 from .pools import MeshPagePool
 from .shared_pieces import SharedPieces, against_every_piece, share_equal_pieces, shared_product
@@ -262,10 +263,20 @@ def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_
         acc = against_every_piece(act[0, 0], weight.values.flatten(0, LEAD - 1)).unflatten(
             0, weight.values.shape[:LEAD])
     else:
-        values = weight.values
-        values = values.reshape(*values.shape[:LEAD], *(1,) * (act.dim() - LEAD - 2), *values.shape[-2:])
-        acc = torch.matmul(act, values.transpose(-1, -2))
+        acc = _chip_by_chip_product(act, weight.values)
     return fidelity.pack(fidelity.fp32_dst(acc, None if bias is None else bias[0, 0]), dtype, multiplier)
+
+
+def _chip_by_chip_product(act: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Each chip's activation [*lead, ..., M, K] against its own piece [*lead, N, K] (either
+    lead broadcast where 1): one batched exact matmul per mesh row."""
+    rows, cols = torch.broadcast_shapes(act.shape[:LEAD], values.shape[:LEAD])
+    acc = torch.empty(rows, cols, *act.shape[LEAD:-1], values.shape[-2], dtype=torch.float64)
+    for r in range(rows):
+        chips = act[min(r, act.shape[0] - 1)]
+        chips = chips.expand(cols, *chips.shape[1:]).reshape(cols, -1, act.shape[-1])
+        acc[r] = exact_gemm.matmul(chips, values[min(r, values.shape[0] - 1)]).reshape(acc.shape[1:])
+    return acc
 
 
 # ---------------------------------------------------------------- paged caches

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import exact_gemm
 from .fidelity import PreparedWeight
 
 LEAD = 2  # leading dimensions of a mesh value: mesh rows, mesh columns
@@ -47,7 +48,7 @@ def share_equal_pieces(weight: PreparedWeight) -> PreparedWeight:
         return weight
     lead = tuple(values.shape[:LEAD])
     flat = values.reshape(lead[0] * lead[1], *values.shape[LEAD:])
-    sums = flat.flatten(1)
+    sums = flat.flatten(1).to(torch.float64)
     keys = torch.stack([sums.sum(1), (sums * sums).sum(1)], 1).tolist()
     distinct, chip_piece = [], []
     for chip, key in enumerate(keys):
@@ -69,7 +70,7 @@ def against_every_piece(x: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
     one GEMM against the pieces side by side [P * N, K] (32 small batched GEMVs cost 2-3x
     the time of one wide one)."""
     count, n = pieces.shape[0], pieces.shape[1]
-    acc = torch.nn.functional.linear(x, pieces.reshape(count * n, pieces.shape[2]))
+    acc = exact_gemm.linear(x, pieces.reshape(count * n, pieces.shape[2]))
     return acc.unflatten(-1, (count, n)).movedim(-2, 0)
 
 
@@ -83,7 +84,9 @@ def shared_product(act: torch.Tensor, weight: SharedPieces) -> torch.Tensor:
         return acc[weight.chip_piece].reshape(*weight.lead, *acc.shape[1:])
     rows, cols = weight.lead
     flat = act.expand(rows, cols, *act.shape[LEAD:]).reshape(rows * cols, *act.shape[LEAD:])
-    acc = torch.empty(*flat.shape[:-1], pieces.shape[1], dtype=flat.dtype)
+    acc = torch.empty(*flat.shape[:-1], pieces.shape[1], dtype=torch.float64)
     for index, chips in enumerate(weight.chips_of_piece):
-        acc[chips] = torch.matmul(flat[chips], pieces[index].t())
+        held = flat[chips]
+        acc[chips] = exact_gemm.matmul(held.reshape(len(chips), -1, held.shape[-1]), pieces[index][None]).reshape(
+            *held.shape[:-1], pieces.shape[1])
     return acc.reshape(rows, cols, *acc.shape[1:])

@@ -1,0 +1,145 @@
+"""Exact float64 matmuls over weights held at their stored width (bfloat16 or float32).
+
+The emulator's matmul operands have at most 11 significant bits (fidelity.py), so every
+product is exact in float64 and so is each dot product's sum: the result does not depend
+on the order of summation. torch's float64 GEMM needs both operands in float64, 8 bytes
+per weight read per decode step; the small C kernel beside this file (exact_gemm.c) reads
+each weight as stored (2 bytes for bfloat16) and widens it in registers, which is what a
+decode step is bound by. Same products, same exact sums, so the same bits as torch's path
+(tests/test_exact_gemm.py).
+
+The kernel is compiled with the system's C compiler at first use, into
+~/.cache/ttcompile/kernels/ keyed by its source, flags and the CPU (-march=native), and
+loaded with ctypes. Without a compiler the emulator takes torch's float64 GEMM: slower,
+the same results. It runs for up to KERNEL_MAX_ROWS activation rows; more rows (prefill)
+are compute-bound, where torch's GEMM is faster.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("exact_gemm.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+KERNEL_MAX_ROWS = 32  # activation rows up to which the kernel beats torch's float64 GEMM
+STORED = (torch.bfloat16, torch.float32)  # weight dtypes the kernel reads
+
+_state: dict = {"lib": None, "tried": False, "enabled": True, "why": ""}
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU model and flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "|".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), platform.machine(), _cpu_key()])
+                          .encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "ttcompile" / "kernels" / f"exact_gemm-{key}.so"
+
+
+def _build(path: Path) -> None:
+    """Compile into a temporary file and rename it into place (concurrent test workers may
+    build at once; each rename is atomic and the results are the same file)."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler found")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _library():
+    """The loaded kernel, or None (no compiler, or disabled): built once per process."""
+    if not _state["enabled"]:
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        path = _library_path()
+        try:
+            if not path.exists():
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            _state["why"] = str(exc)
+            return None
+        lib.exact_gemm.restype = None
+        lib.exact_gemm.argtypes = [ctypes.c_int64] * 4 + [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        _state["lib"] = lib
+    return _state["lib"]
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+@contextlib.contextmanager
+def torch_only():
+    """Run matmuls on torch's float64 GEMM (to compare the two paths)."""
+    before = _state["enabled"]
+    _state["enabled"] = False
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
+
+
+def stored(values: torch.Tensor) -> torch.Tensor:
+    """`values` (exact operand values, any float dtype) in the narrowest dtype that holds
+    them exactly: bfloat16, else float32, else float64."""
+    for dtype in STORED:
+        narrow = values.to(dtype)
+        if torch.equal(narrow.to(values.dtype), values):
+            return narrow
+    return values.to(torch.float64)
+
+
+def _batch_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, M, K] @ w[B, N, K]^T -> float64 [B, M, N], B broadcast where 1 on either side.
+    Exact products, exact sums."""
+    batch = max(x.shape[0], w.shape[0])
+    m, k, n = x.shape[1], x.shape[2], w.shape[1]
+    lib = _library() if m <= KERNEL_MAX_ROWS and w.dtype in STORED else None
+    if lib is None:
+        return torch.matmul(x.to(torch.float64), w.to(torch.float64).transpose(-1, -2))
+    x = x.to(torch.float64)
+    if not (x[0].is_contiguous() and w[0].is_contiguous()):
+        x, w = x.contiguous(), w.contiguous()
+    out = torch.empty(batch, m, n, dtype=torch.float64)
+    if out.numel():
+        lib.exact_gemm(batch, m, n, k, x.data_ptr(), _batch_stride(x), w.data_ptr(), _batch_stride(w),
+                       int(w.dtype == torch.bfloat16), out.data_ptr(), out.stride(0), torch.get_num_threads())
+    return out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w[N, K]^T -> float64 [..., N]: the exact sums of fidelity.py's matmul."""
+    rows = x.reshape(1, -1, x.shape[-1])
+    return matmul(rows, w.unsqueeze(0)).reshape(*x.shape[:-1], w.shape[0])
