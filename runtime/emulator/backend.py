@@ -135,15 +135,25 @@ class EmulatorBackend:
 
     def _stack_weights(self) -> dict:
         """Weights (and their matmul operands) as mesh values; the per-chip lists become
-        views of them, so nothing is held twice."""
+        views of them, so nothing is held twice. A weight no step reads but through its
+        matmul operand, the operand holding the very same values (multiplied as stored),
+        becomes views of the operand's stack (which holds equal pieces once)."""
+        read = {name for steps in self.steps.values() for step in steps
+                for kind, v in [*step.args, *step.kwargs.values()] if kind in ("t", "tl")
+                for name in (v if kind == "tl" else [v])}
+        same_values = {key.split("#")[0]: key for key, pieces in self.multiplier_weights.items()
+                       if key.split("#")[0] not in read
+                       and all(p.values is w for p, w in zip(pieces, self.env[key.split("#")[0]]))}
         stacked = {}
-        for name in list(self.program.weights) + list(self.multiplier_weights):
+        for name in list(self.multiplier_weights) + [w for w in self.program.weights if w not in same_values]:
             value = stacked[name] = mesh.stack_weight(self.env[name], self.lead)
             if mesh._is_replicated(value):
                 continue
             self.env[name] = mesh.chip_views(value, self.lead)
             if name in self.multiplier_weights:
                 self.multiplier_weights[name] = self.env[name]
+        for name, key in same_values.items():
+            self.env[name] = [p.values for p in self.env[key]]
         return stacked
 
     def _load_weights(self, weights_dir: Path | None, weights: dict | None) -> None:
