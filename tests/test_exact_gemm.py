@@ -1,9 +1,12 @@
 """The emulator's exact matmul kernel (runtime/emulator/exact_gemm.py) against torch's
 float64 GEMM: the same bits for every shape the kernel's blocking distinguishes."""
+import zlib
+
 import pytest
 import torch
 
 from runtime.emulator import exact_gemm
+from runtime.emulator import fidelity as fidelity_mod
 
 
 def _operand(shape, dtype, generator):
@@ -55,3 +58,57 @@ def test_torch_only_takes_the_torch_path():
         assert not exact_gemm.available()
         assert torch.equal(exact_gemm.linear(x, w), exact_gemm.linear(x, w.float()))
     assert exact_gemm.available()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_each_entry_takes_the_piece_it_names(m):
+    g = torch.Generator().manual_seed(m)
+    x, pieces = _operand((6, m, 24), torch.float32, g), _operand((3, 10, 24), torch.bfloat16, g)
+    index = torch.tensor([2, 0, 0, 1, 2, 2])
+    want = torch.matmul(x.double(), pieces[index].double().transpose(-1, -2))
+    assert torch.equal(exact_gemm.matmul(x, pieces, index), want)
+    with exact_gemm.torch_only():
+        assert torch.equal(exact_gemm.matmul(x, pieces, index), want)
+
+
+def _scaled(shape, generator, dtype=torch.float32):
+    """Full float32 mantissas (what the activation's SrcB masking cuts) over 2^-3..2^3."""
+    sign = torch.randint(0, 2, shape, generator=generator) * 2 - 1
+    scale = 2.0 ** torch.randint(-3, 4, shape, generator=generator)
+    return ((1 + torch.rand(shape, generator=generator)) * sign * scale).to(dtype)
+
+
+@pytest.mark.parametrize("fidelity", [None, "LoFi", "HiFi2", "HiFi3", "HiFi4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "bfloat8_b"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m", [1, 5])
+def test_one_kernel_call_is_the_python_linear(fidelity, dtype, bias, m):
+    """fidelity.linear with the kernel doing SrcB masking, the fidelity split, the bias,
+    the float32 Dst and the packer (exact_gemm.device_linear), against the torch path."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((fidelity, dtype, bias, m)).encode()))
+    x = _scaled((m, 48), g)
+    w = _scaled((20, 48), g, torch.bfloat16)
+    b = _scaled((20,), g) if bias else None
+    config = {"math_fidelity": fidelity or "HiFi4", "fp32_dest_acc_en": True}
+    multiplier = fidelity_mod.Multiplier.of(config, emulate=fidelity is not None)
+    prepared = fidelity_mod.prepare_weight(w, multiplier)
+    got = fidelity_mod.linear(x, prepared, b, dtype)
+    with exact_gemm.torch_only():
+        want = fidelity_mod.linear(x, prepared, b, dtype)
+    assert got.dtype == want.dtype and torch.equal(got.view(torch.int16 if got.dtype == torch.bfloat16 else torch.int32),
+                                                   want.view(torch.int16 if want.dtype == torch.bfloat16 else torch.int32))
+
+
+def test_packing_ties_and_denormals_match_the_python_rounding():
+    """Sums that land on bfloat16 ties and below float32's normal range."""
+    w = torch.tensor([[1.0, 2.0 ** -8]], dtype=torch.bfloat16)  # 1 + 2^-8: a bfloat16 tie
+    x = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [2.0 ** -70, 2.0 ** -70], [2.0 ** -60, 0.0]])
+    w = torch.cat([w, torch.tensor([[2.0 ** -70, 0.0]], dtype=torch.bfloat16)])
+    for fidelity in (None, "HiFi4"):
+        multiplier = fidelity_mod.Multiplier.of({"math_fidelity": "HiFi4", "fp32_dest_acc_en": True},
+                                                emulate=fidelity is not None)
+        prepared = fidelity_mod.prepare_weight(w, multiplier)
+        got = fidelity_mod.linear(x, prepared, None, "bfloat16")
+        with exact_gemm.torch_only():
+            want = fidelity_mod.linear(x, prepared, None, "bfloat16")
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), fidelity

@@ -157,22 +157,24 @@ static void four_by_two(const double *x, int64_t ldx, const double *w0, const do
     for (int i = 0; i < 4; i++) { out[i * ldo] = s[i][0]; out[i * ldo + 1] = s[i][1]; }
 }
 
-/* out[b] = x[b] @ w[b]^T. batch entries are x_stride / w_stride / out_stride elements
-   apart (0: shared). threads: OpenMP threads to use (the process's torch thread count). */
+/* out[b] = x[b] @ w[i]^T with i = w_index[b] (b itself when w_index is NULL). Batch
+   entries are x_stride / w_stride / out_stride elements apart (0: shared). threads:
+   OpenMP threads to use (the process's torch thread count). */
 void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
-                const double *x, int64_t x_stride, const void *w, int64_t w_stride, int is_bf16,
-                double *out, int64_t out_stride, int threads) {
+                const double *x, int64_t x_stride, const void *w, int64_t w_stride, const int64_t *w_index,
+                int is_bf16, double *out, int64_t out_stride, int threads) {
     int64_t w_item = is_bf16 ? 2 : 4;
+#define W_AT(b) ((const char *)w + (w_index ? w_index[b] : (b)) * w_stride * w_item)
 #if defined(__AVX2__) && defined(__FMA__)
     if (m == 1) {
         int64_t quads = n / 4;
         #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t q = 0; q < quads; q++)
-                row_by_4(x + b * x_stride, (const char *)w + b * w_stride * w_item, is_bf16, k, out + b * out_stride, q * 4);
+                row_by_4(x + b * x_stride, W_AT(b), is_bf16, k, out + b * out_stride, q * 4);
         for (int64_t b = 0; b < batch; b++)
             for (int64_t n0 = quads * 4; n0 < n; n0++)
-                block(x + b * x_stride, k, (const char *)w + b * w_stride * w_item, is_bf16, k, out + b * out_stride, n, 0, 1, n0, 1);
+                block(x + b * x_stride, k, W_AT(b), is_bf16, k, out + b * out_stride, n, 0, 1, n0, 1);
         return;
     }
 #endif
@@ -183,7 +185,7 @@ void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
         #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t p = 0; p < pairs; p++) {
-                const void *wb = (const char *)w + b * w_stride * w_item;
+                const void *wb = W_AT(b);
                 for (int64_t kk = 0; kk < 2 * k; kk++) buf[kk] = W_VALUE(wb, is_bf16, 2 * p * k + kk);
                 const double *xb = x + b * x_stride;
                 double *ob = out + b * out_stride;
@@ -197,6 +199,68 @@ void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
     if (n % 2)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t m0 = 0; m0 < m; m0 += 4)
-                block(x + b * x_stride, k, (const char *)w + b * w_stride * w_item, is_bf16, k,
+                block(x + b * x_stride, k, W_AT(b), is_bf16, k,
                       out + b * out_stride, n, m0, m - m0 < 4 ? (int)(m - m0) : 4, n - 1, 1);
+}
+
+/* ------------------------------------------------------------------ a whole device linear
+   What fidelity.py's Python path does around the GEMM, in one call (the same bits):
+   the activation as the matrix unit's SrcB holds it, the float64 sums, the bias, the
+   float32 Dst and the packer's rounding. */
+enum { SRC_RAW = 0, SRC_TF32 = 1 };                                 /* src_mode */
+enum { PARTS_SRC = 1, PARTS_HIGH = 2, PARTS_HIGH_LOW = 3 };         /* parts */
+enum { OUT_F32 = 0, OUT_BF16_EVEN = 1, OUT_BF16_AWAY = 2 };         /* out_mode */
+#define TF32_B 0xFFFFE000u  /* fidelity.TF32_BITS["B"] */
+#define HIGH_B 0xFFFE0000u  /* fidelity.HIGH_BITS["B"] */
+#define EXPONENT_F32 0x7F800000u
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static uint16_t bf16_even(float f) {  /* torch's float32 -> bfloat16: nearest, ties to even */
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  /* NaN: c10::BFloat16's quiet NaN */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static uint16_t bf16_away(float f) {  /* fidelity.to_bfloat16: ties away, denormals -> +0 */
+    uint32_t u = f32_bits(f);
+    if (!(u & EXPONENT_F32)) return 0;
+    return (uint16_t)((u + 0x8000u) >> 16);
+}
+
+void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
+                  const float *x, int64_t x_stride, int x_batches, int src_mode, int parts,
+                  const void *w, int64_t w_stride, const int64_t *w_index, int is_bf16,
+                  const double *bias, int out_mode, void *out, int threads) {
+    int64_t width = parts == PARTS_HIGH_LOW ? 2 * k : k, rows = (int64_t)x_batches * m;
+    double *xd = (double *)malloc(sizeof(double) * (rows * width > 0 ? rows * width : 1));
+    double *acc = (double *)malloc(sizeof(double) * (batch * m * n > 0 ? batch * m * n : 1));
+    for (int64_t b = 0; b < x_batches; b++)
+        for (int64_t i = 0; i < m; i++) {
+            const float *src = x + b * x_stride + i * k;
+            double *dst = xd + (b * m + i) * width;
+            for (int64_t j = 0; j < k; j++) {
+                float v = src[j];
+                if (src_mode == SRC_TF32) {
+                    uint32_t u = f32_bits(v);
+                    v = (u & EXPONENT_F32) ? bits_f32(u & TF32_B) : 0.0f;
+                }
+                if (parts == PARTS_SRC) { dst[j] = v; continue; }
+                float high = bits_f32(f32_bits(v) & HIGH_B);
+                dst[j] = high;
+                if (parts == PARTS_HIGH_LOW) dst[k + j] = v - high;
+            }
+        }
+    exact_gemm(batch, m, n, width, xd, x_batches > 1 ? m * width : 0, w, w_stride, w_index, is_bf16, acc, m * n, threads);
+    int64_t total = batch * m * n;
+    for (int64_t e = 0; e < total; e++) {
+        double a = acc[e];
+        if (bias) a += bias[e % n];
+        float f = (float)a;
+        if (out_mode == OUT_F32) ((float *)out)[e] = f;
+        else ((uint16_t *)out)[e] = out_mode == OUT_BF16_EVEN ? bf16_even(f) : bf16_away(f);
+    }
+    free(xd);
+    free(acc);
 }

@@ -86,8 +86,13 @@ def _library():
             return None
         lib.exact_gemm.restype = None
         lib.exact_gemm.argtypes = [ctypes.c_int64] * 4 + [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        lib.exact_linear.restype = None
+        lib.exact_linear.argtypes = [ctypes.c_int64] * 4 + [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         _state["lib"] = lib
     return _state["lib"]
 
@@ -121,20 +126,26 @@ def _batch_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else 0
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [B, M, K] @ w[B, N, K]^T -> float64 [B, M, N], B broadcast where 1 on either side.
-    Exact products, exact sums."""
-    batch = max(x.shape[0], w.shape[0])
+def matmul(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, M, K] @ w[B, N, K]^T -> float64 [B, M, N], B broadcast where 1 on either side;
+    with `w_index` [B] (int64), entry b multiplies by w[w_index[b]] (chips holding shared
+    pieces). Exact products, exact sums."""
+    batch = x.shape[0] if w_index is not None else max(x.shape[0], w.shape[0])
     m, k, n = x.shape[1], x.shape[2], w.shape[1]
     lib = _library() if m <= KERNEL_MAX_ROWS and w.dtype in STORED else None
     if lib is None:
+        w = w if w_index is None else w[w_index]
         return torch.matmul(x.to(torch.float64), w.to(torch.float64).transpose(-1, -2))
     x = x.to(torch.float64)
     if not (x[0].is_contiguous() and w[0].is_contiguous()):
         x, w = x.contiguous(), w.contiguous()
     out = torch.empty(batch, m, n, dtype=torch.float64)
+    if w_index is not None:
+        w_index = w_index.to(torch.int64).contiguous()
     if out.numel():
-        lib.exact_gemm(batch, m, n, k, x.data_ptr(), _batch_stride(x), w.data_ptr(), _batch_stride(w),
+        lib.exact_gemm(batch, m, n, k, x.data_ptr(), _batch_stride(x), w.data_ptr(),
+                       w.stride(0) if w_index is not None else _batch_stride(w),
+                       None if w_index is None else w_index.data_ptr(),
                        int(w.dtype == torch.bfloat16), out.data_ptr(), out.stride(0), torch.get_num_threads())
     return out
 
@@ -143,3 +154,38 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w[N, K]^T -> float64 [..., N]: the exact sums of fidelity.py's matmul."""
     rows = x.reshape(1, -1, x.shape[-1])
     return matmul(rows, w.unsqueeze(0)).reshape(*x.shape[:-1], w.shape[0])
+
+
+# exact_linear's codes (exact_gemm.c): how the activation enters, which of its parts the
+# weight's columns pair with, how the float32 Dst is written.
+SRC_MODES = {"raw": 0, "tf32": 1}
+PARTS = {("src",): 1, ("high",): 2, ("high", "low"): 3}
+OUT_MODES = {"float32": (0, torch.float32), "bf16_even": (1, torch.bfloat16), "bf16_away": (2, torch.bfloat16)}
+
+
+def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None, src_mode: str,
+                  parts: tuple[str, ...], bias: torch.Tensor | None, out_mode: str) -> torch.Tensor | None:
+    """fidelity.py's whole linear in one kernel call: x [Bx, M, K] (Bx 1: every entry's),
+    w [U, N, K * len(parts)], entry b against w[w_index[b]] (w[b] without an index), the
+    activation taken as `src_mode` and split into `parts`, float64 sums plus `bias` [N],
+    rounded to a float32 Dst and written as `out_mode`. -> [B, M, N]; None where the
+    kernel does not run (no compiler, more than KERNEL_MAX_ROWS rows, a float64 weight)."""
+    m = x.shape[1]
+    lib = _library() if m <= KERNEL_MAX_ROWS and w.dtype in STORED else None
+    if lib is None or parts not in PARTS or src_mode not in SRC_MODES:
+        return None
+    batch = len(w_index) if w_index is not None else w.shape[0]
+    x = x.to(torch.float32).contiguous()
+    w = w.contiguous()
+    if w_index is not None:
+        w_index = w_index.to(torch.int64).contiguous()
+    if bias is not None:
+        bias = bias.reshape(-1).to(torch.float64).contiguous()
+    code, dtype = OUT_MODES[out_mode]
+    out = torch.empty(batch, m, w.shape[1], dtype=dtype)
+    if out.numel():
+        lib.exact_linear(batch, m, w.shape[1], x.shape[2], x.data_ptr(), x.stride(0), x.shape[0], SRC_MODES[src_mode],
+                         PARTS[parts], w.data_ptr(), w.stride(0), None if w_index is None else w_index.data_ptr(),
+                         int(w.dtype == torch.bfloat16), None if bias is None else bias.data_ptr(), code,
+                         out.data_ptr(), torch.get_num_threads())
+    return out

@@ -214,9 +214,22 @@ def pack(dst: torch.Tensor, dtype: str | None, multiplier: Multiplier) -> torch.
     return to_bfloat16(dst) if multiplier.fidelity else dst.to(torch.bfloat16)
 
 
-def _fp32_dest_product(x, weight: PreparedWeight, bias) -> torch.Tensor:
-    """Exact products summed in float64 (bias included), rounded once to the float32 Dst."""
-    return fp32_dst(exact_gemm.linear(_activation(x, weight.parts, weight.multiplier), weight.values), bias)
+def prepared_product(x: torch.Tensor, pieces: torch.Tensor, weight: PreparedWeight, bias=None,
+                     dtype: str | None = None, w_index: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32-Dst linear over a prepared weight's pieces: x [Bx, M, K] (Bx 1: shared by
+    every entry), pieces [U, N, K'] held as `weight` describes, entry b against
+    pieces[w_index[b]] (pieces[b] without an index) -> [B, M, N] as the packer writes
+    `dtype`. Exact products summed in float64 with the bias, rounded once to the float32
+    Dst, then packed: in one kernel call where exact_gemm's kernel runs, else in torch
+    (the same bits)."""
+    multiplier = weight.multiplier
+    out_mode = "float32" if dtype != "bfloat16" else "bf16_away" if multiplier.fidelity else "bf16_even"
+    src_mode = "raw" if multiplier.fidelity is None else "tf32" if multiplier.fp32_dest else "bf16"
+    done = exact_gemm.device_linear(x, pieces, w_index, src_mode, weight.parts, bias, out_mode)
+    if done is not None:
+        return done
+    acc = exact_gemm.matmul(_activation(x, weight.parts, multiplier), pieces, w_index)
+    return pack(fp32_dst(acc, bias), dtype, multiplier)
 
 
 def _bf16_dest_product(x, w_nk, bias, multiplier: Multiplier) -> torch.Tensor:
@@ -250,7 +263,6 @@ def linear(x: torch.Tensor, weight, bias=None, dtype: str | None = None,
         if multiplier.fp32_dest or multiplier.fidelity is None:
             weight = prepare_weight(weight, multiplier)
     if isinstance(weight, PreparedWeight):
-        dst = _fp32_dest_product(x, weight, bias)
-    else:
-        dst = _bf16_dest_product(x, weight, bias, multiplier)
-    return pack(dst, dtype, multiplier)
+        out = prepared_product(x.reshape(1, -1, x.shape[-1]), weight.values[None], weight, bias, dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    return pack(_bf16_dest_product(x, weight, bias, multiplier), dtype, multiplier)

@@ -24,10 +24,9 @@ import torch
 from lowering.program import resolve_scalar
 
 from . import fidelity, ops
-from . import exact_gemm
 from .fidelity import PreparedWeight
 from .pools import MeshPagePool
-from .shared_pieces import SharedPieces, against_every_piece, share_equal_pieces, shared_product
+from .shared_pieces import SharedPieces, share_equal_pieces
 
 LEAD = 2  # leading dimensions: mesh rows, mesh columns
 BATCHED = {}
@@ -247,36 +246,39 @@ def _concat_heads(impl, x, memory_config=None):
 @batched("ttnn.linear")
 def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_kernel_config=None,
             activation=None):
-    """fidelity.linear with each chip's prepared weight: the same float64 products and
-    sums (exact, so independent of how the GEMM is batched) and the same rounding."""
+    """fidelity.linear with each chip's prepared weight, every chip in one batched product:
+    the same float64 products and sums (exact, so independent of how the GEMM is batched)
+    and the same rounding. A replicated activation meets each distinct piece once."""
     kw = dict(bias=bias, dtype=dtype, compute_kernel_config=compute_kernel_config)
     if isinstance(weight, PreparedWeight) and _is_replicated(weight) and (bias is None or _is_replicated(bias)):
         return impl(a, _one(weight), bias=None if bias is None else bias[0, 0], dtype=dtype,
                     compute_kernel_config=compute_kernel_config)
     if not isinstance(weight, PreparedWeight) or (bias is not None and not _is_replicated(bias)):
         return per_chip(impl, (a, weight), kw)
-    multiplier = weight.multiplier
-    act = fidelity._activation(a, weight.parts, multiplier)
-    if isinstance(weight, SharedPieces):
-        acc = shared_product(act, weight)
-    elif _is_replicated(act):
-        acc = against_every_piece(act[0, 0], weight.values.flatten(0, LEAD - 1)).unflatten(
-            0, weight.values.shape[:LEAD])
+    bias = None if bias is None else bias[0, 0]
+    pieces, chip_piece, lead = _pieces(weight, a.shape[:LEAD])
+    k = a.shape[-1]
+    if _is_replicated(a):
+        out = fidelity.prepared_product(a[0, 0].reshape(1, -1, k), pieces, weight, bias, dtype)
+        out = out[chip_piece]
     else:
-        acc = _chip_by_chip_product(act, weight.values)
-    return fidelity.pack(fidelity.fp32_dst(acc, None if bias is None else bias[0, 0]), dtype, multiplier)
+        rows = a.expand(*lead, *a.shape[LEAD:]).reshape(lead[0] * lead[1], -1, k)
+        out = fidelity.prepared_product(rows, pieces, weight, bias, dtype, chip_piece)
+    return out.reshape(*lead, *a.shape[LEAD:-1], pieces.shape[1])
 
 
-def _chip_by_chip_product(act: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Each chip's activation [*lead, ..., M, K] against its own piece [*lead, N, K] (either
-    lead broadcast where 1): one batched exact matmul per mesh row."""
-    rows, cols = torch.broadcast_shapes(act.shape[:LEAD], values.shape[:LEAD])
-    acc = torch.empty(rows, cols, *act.shape[LEAD:-1], values.shape[-2], dtype=torch.float64)
-    for r in range(rows):
-        chips = act[min(r, act.shape[0] - 1)]
-        chips = chips.expand(cols, *chips.shape[1:]).reshape(cols, -1, act.shape[-1])
-        acc[r] = exact_gemm.matmul(chips, values[min(r, values.shape[0] - 1)]).reshape(acc.shape[1:])
-    return acc
+def _pieces(weight: PreparedWeight, act_lead) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """A mesh operand met by an activation of leading dims `act_lead`, as (its distinct
+    pieces [U, N, K], the piece index of each entry of the product's leading dims, those
+    dims)."""
+    if isinstance(weight, SharedPieces):
+        return weight.values, weight.chip_piece, weight.lead
+    values = weight.values
+    held = values.shape[:LEAD]
+    lead = tuple(torch.broadcast_shapes(held, act_lead))
+    rows = torch.arange(lead[0]) * (held[0] > 1)
+    cols = torch.arange(lead[1]) * (held[1] > 1)
+    return values.flatten(0, LEAD - 1), (rows[:, None] * held[1] + cols[None, :]).flatten(), lead
 
 
 # ---------------------------------------------------------------- paged caches

@@ -9,11 +9,10 @@ piece's result.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from . import exact_gemm
 from .fidelity import PreparedWeight
 
 LEAD = 2  # leading dimensions of a mesh value: mesh rows, mesh columns
@@ -30,10 +29,6 @@ class SharedPieces(PreparedWeight):
 
     chip_piece: torch.Tensor = None  # [rows * cols] int64
     lead: tuple = (1, 1)
-    chips_of_piece: list = field(init=False)  # per piece, the chips holding it
-
-    def __post_init__(self):
-        self.chips_of_piece = [(self.chip_piece == u).nonzero().flatten() for u in range(len(self.values))]
 
     def piece(self, i: int, j: int) -> torch.Tensor:
         return self.values[int(self.chip_piece[i * self.lead[1] + j])]
@@ -63,30 +58,3 @@ def share_equal_pieces(weight: PreparedWeight) -> PreparedWeight:
         return weight
     pieces = flat[[rep for rep, _ in distinct]].clone()
     return SharedPieces(pieces, weight.parts, weight.multiplier, torch.tensor(chip_piece), lead)
-
-
-def against_every_piece(x: torch.Tensor, pieces: torch.Tensor) -> torch.Tensor:
-    """One chip's activation x [..., M, K] against pieces [P, N, K] -> [P, ..., M, N], as
-    one GEMM against the pieces side by side [P * N, K] (32 small batched GEMVs cost 2-3x
-    the time of one wide one)."""
-    count, n = pieces.shape[0], pieces.shape[1]
-    acc = exact_gemm.linear(x, pieces.reshape(count * n, pieces.shape[2]))
-    return acc.unflatten(-1, (count, n)).movedim(-2, 0)
-
-
-def shared_product(act: torch.Tensor, weight: SharedPieces) -> torch.Tensor:
-    """act @ each chip's piece^T, reading each distinct piece once: with a replicated
-    activation one matmul against the pieces, each chip then taking its piece's result;
-    otherwise one matmul per piece over the chips that hold it."""
-    pieces = weight.values  # [U, N, K]
-    if act.shape[0] == 1 and act.shape[1] == 1:
-        acc = against_every_piece(act[0, 0], pieces)
-        return acc[weight.chip_piece].reshape(*weight.lead, *acc.shape[1:])
-    rows, cols = weight.lead
-    flat = act.expand(rows, cols, *act.shape[LEAD:]).reshape(rows * cols, *act.shape[LEAD:])
-    acc = torch.empty(*flat.shape[:-1], pieces.shape[1], dtype=torch.float64)
-    for index, chips in enumerate(weight.chips_of_piece):
-        held = flat[chips]
-        acc[chips] = exact_gemm.matmul(held.reshape(len(chips), -1, held.shape[-1]), pieces[index][None]).reshape(
-            *held.shape[:-1], pieces.shape[1])
-    return acc.reshape(rows, cols, *acc.shape[1:])
