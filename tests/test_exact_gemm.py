@@ -24,7 +24,7 @@ def test_the_kernel_is_built_here():
 
 
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 31, 32])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 31, 32, 70])
 @pytest.mark.parametrize("n,k", [(1, 7), (7, 16), (10, 33), (64, 576), (130, 70)])
 def test_same_bits_as_torch_float64(m, n, k, w_dtype):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)

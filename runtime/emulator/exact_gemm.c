@@ -21,24 +21,26 @@ static inline double bf16_value(uint16_t bits) {
     return (double)f;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-static inline __m256d load4_bf16(const uint16_t *p) {
-    __m128i h = _mm_loadl_epi64((const __m128i *)p);
-    __m128i wide = _mm_slli_epi32(_mm_cvtepu16_epi32(h), 16);
-    return _mm256_cvtps_pd(_mm_castsi128_ps(wide));
-}
-static inline __m256d load4_f32(const float *p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
-static inline double hsum(__m256d v) {
-    __m128d lo = _mm256_castpd256_pd128(v), hi = _mm256_extractf128_pd(v, 1);
-    lo = _mm_add_pd(lo, hi);
-    return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
-}
-#endif
-
 #define W_VALUE(w, is_bf16, i) ((is_bf16) ? bf16_value(((const uint16_t *)(w))[i]) : (double)((const float *)(w))[i])
 
+/* Plain C: out[i, j] for rows i of x and rows j of w (tails, and CPUs without AVX2). */
+static void dot_rows(const double *x, int64_t m0, int64_t m1, const void *w, int is_bf16, int64_t n0, int64_t n1,
+                     int64_t k, double *out, int64_t ldo) {
+    for (int64_t i = m0; i < m1; i++)
+        for (int64_t j = n0; j < n1; j++) {
+            double a = 0.0;
+            for (int64_t kk = 0; kk < k; kk++) a += x[i * k + kk] * W_VALUE(w, is_bf16, j * k + kk);
+            out[i * ldo + j] = a;
+        }
+}
 
 #if defined(__AVX2__) && defined(__FMA__)
+#define SIMD 1
+static inline double hsum(__m256d v) {
+    __m128d lo = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+}
+
 /* 8 weights as two float64 vectors. */
 static inline void load8(const void *w, int is_bf16, int64_t i, __m256d *lo, __m256d *hi) {
     __m256 f;
@@ -52,7 +54,7 @@ static inline void load8(const void *w, int is_bf16, int64_t i, __m256d *lo, __m
     *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
 }
 
-/* One row of x against rows n0..n0+3 of w: the decode shape, bound by reading w. */
+/* One row of x against rows n0..n0+3 of w: the decode shape, bound by widening w. */
 static void row_by_4(const double *x, const void *w, int is_bf16, int64_t k_len, double *out, int64_t n0) {
     __m256d a[4][2];
     for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm256_setzero_pd();
@@ -72,90 +74,53 @@ static void row_by_4(const double *x, const void *w, int is_bf16, int64_t k_len,
         out[n0 + j] = s;
     }
 }
-#endif
 
-/* Rows m0..m0+mr of x against rows n0..n0+nr of w (mr <= 4, nr <= 2). */
-static void block(const double *x, int64_t ldx, const void *w, int is_bf16, int64_t k_len,
-                  double *out, int64_t ldo, int64_t m0, int mr, int64_t n0, int nr) {
-    double acc[4][2] = {{0}};
-    int64_t k = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    if (mr == 4 && nr == 2) {
-        __m256d a00 = _mm256_setzero_pd(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-        const double *x0 = x + m0 * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-        for (; k + 4 <= k_len; k += 4) {
-            __m256d w0, w1;
-            if (is_bf16) {
-                w0 = load4_bf16((const uint16_t *)w + n0 * k_len + k);
-                w1 = load4_bf16((const uint16_t *)w + (n0 + 1) * k_len + k);
-            } else {
-                w0 = load4_f32((const float *)w + n0 * k_len + k);
-                w1 = load4_f32((const float *)w + (n0 + 1) * k_len + k);
-            }
-            __m256d v = _mm256_loadu_pd(x0 + k);
-            a00 = _mm256_fmadd_pd(v, w0, a00); a01 = _mm256_fmadd_pd(v, w1, a01);
-            v = _mm256_loadu_pd(x1 + k);
-            a10 = _mm256_fmadd_pd(v, w0, a10); a11 = _mm256_fmadd_pd(v, w1, a11);
-            v = _mm256_loadu_pd(x2 + k);
-            a20 = _mm256_fmadd_pd(v, w0, a20); a21 = _mm256_fmadd_pd(v, w1, a21);
-            v = _mm256_loadu_pd(x3 + k);
-            a30 = _mm256_fmadd_pd(v, w0, a30); a31 = _mm256_fmadd_pd(v, w1, a31);
-        }
-        acc[0][0] = hsum(a00); acc[0][1] = hsum(a01); acc[1][0] = hsum(a10); acc[1][1] = hsum(a11);
-        acc[2][0] = hsum(a20); acc[2][1] = hsum(a21); acc[3][0] = hsum(a30); acc[3][1] = hsum(a31);
-    } else {
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < nr; j++) {
-                const double *xr = x + (m0 + i) * ldx;
-                int64_t row = (n0 + j) * k_len;
-                __m256d a = _mm256_setzero_pd();
-                int64_t kk = 0;
-                for (; kk + 4 <= k_len; kk += 4) {
-                    __m256d wv = is_bf16 ? load4_bf16((const uint16_t *)w + row + kk) : load4_f32((const float *)w + row + kk);
-                    a = _mm256_fmadd_pd(_mm256_loadu_pd(xr + kk), wv, a);
-                }
-                acc[i][j] = hsum(a);
-            }
-        k = k_len & ~(int64_t)3;
-    }
-#endif
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            const double *xr = x + (m0 + i) * ldx;
-            int64_t row = (n0 + j) * k_len;
-            double a = acc[i][j];
-            for (int64_t kk = k; kk < k_len; kk++) a += xr[kk] * W_VALUE(w, is_bf16, row + kk);
-            out[(m0 + i) * ldo + n0 + j] = a;
-        }
+#define PANEL 8  /* weight rows widened and interleaved per panel: panel[k * 8 + j] */
+#define MR 6     /* activation rows per micro-kernel call: 12 accumulators */
+
+/* Rows of x (MR_ of them, a constant) against one panel: out[i, j] for j < nr. The
+   accumulators are named variables so that they stay in registers. */
+#define ROW_FMA(i, a0, a1) if ((i) < rows) { __m256d xi = _mm256_broadcast_sd(x + (i) * k_len + k); \
+    a0 = _mm256_fmadd_pd(xi, w0, a0); a1 = _mm256_fmadd_pd(xi, w1, a1); }
+#define ROW_OUT(i, a0, a1) if ((i) < rows) { double row[PANEL]; _mm256_storeu_pd(row, a0); \
+    _mm256_storeu_pd(row + 4, a1); for (int j = 0; j < nr; j++) out[(i) * ldo + j] = row[j]; }
+#define ROWS_BY_PANEL(NAME, MR_) \
+static void NAME(const double *x, int64_t k_len, const double *panel, double *out, int64_t ldo, int nr) { \
+    enum { rows = MR_ }; \
+    __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00; \
+    __m256d c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00; \
+    for (int64_t k = 0; k < k_len; k++) { \
+        __m256d w0 = _mm256_loadu_pd(panel + k * PANEL), w1 = _mm256_loadu_pd(panel + k * PANEL + 4); \
+        ROW_FMA(0, c00, c01) ROW_FMA(1, c10, c11) ROW_FMA(2, c20, c21) \
+        ROW_FMA(3, c30, c31) ROW_FMA(4, c40, c41) ROW_FMA(5, c50, c51) \
+    } \
+    ROW_OUT(0, c00, c01) ROW_OUT(1, c10, c11) ROW_OUT(2, c20, c21) \
+    ROW_OUT(3, c30, c31) ROW_OUT(4, c40, c41) ROW_OUT(5, c50, c51) \
 }
+ROWS_BY_PANEL(rows6_by_panel, 6)
+ROWS_BY_PANEL(rows5_by_panel, 5)
+ROWS_BY_PANEL(rows4_by_panel, 4)
+ROWS_BY_PANEL(rows3_by_panel, 3)
+ROWS_BY_PANEL(rows2_by_panel, 2)
+ROWS_BY_PANEL(rows1_by_panel, 1)
+static void (*const rows_by_panel[MR + 1])(const double *, int64_t, const double *, double *, int64_t, int) = {
+    NULL, rows1_by_panel, rows2_by_panel, rows3_by_panel, rows4_by_panel, rows5_by_panel, rows6_by_panel};
 
-/* Rows m0..m0+3 of x against two float64 rows w0, w1 (already converted). */
-static void four_by_two(const double *x, int64_t ldx, const double *w0, const double *w1, int64_t k_len,
-                        double *out, int64_t ldo) {
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256d a00 = _mm256_setzero_pd(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    const double *x0 = x, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-    int64_t k = 0;
-    for (; k + 4 <= k_len; k += 4) {
-        __m256d v0 = _mm256_loadu_pd(w0 + k), v1 = _mm256_loadu_pd(w1 + k);
-        __m256d v = _mm256_loadu_pd(x0 + k);
-        a00 = _mm256_fmadd_pd(v, v0, a00); a01 = _mm256_fmadd_pd(v, v1, a01);
-        v = _mm256_loadu_pd(x1 + k);
-        a10 = _mm256_fmadd_pd(v, v0, a10); a11 = _mm256_fmadd_pd(v, v1, a11);
-        v = _mm256_loadu_pd(x2 + k);
-        a20 = _mm256_fmadd_pd(v, v0, a20); a21 = _mm256_fmadd_pd(v, v1, a21);
-        v = _mm256_loadu_pd(x3 + k);
-        a30 = _mm256_fmadd_pd(v, v0, a30); a31 = _mm256_fmadd_pd(v, v1, a31);
+static void panel_gemm(int64_t m, int64_t n, int64_t k, const double *x, const void *w, int is_bf16,
+                       double *out, double *panel, int64_t p) {
+    int64_t n0 = p * PANEL;
+    int nr = n - n0 < PANEL ? (int)(n - n0) : PANEL;
+    for (int64_t kk = 0; kk < k; kk++)
+        for (int j = 0; j < PANEL; j++)
+            panel[kk * PANEL + j] = j < nr ? W_VALUE(w, is_bf16, (n0 + j) * k + kk) : 0.0;
+    for (int64_t m0 = 0; m0 < m; m0 += MR) {
+        int mr = m - m0 < MR ? (int)(m - m0) : MR;
+        rows_by_panel[mr](x + m0 * k, k, panel, out + m0 * n + n0, n, nr);
     }
-    double s[4][2] = {{hsum(a00), hsum(a01)}, {hsum(a10), hsum(a11)}, {hsum(a20), hsum(a21)}, {hsum(a30), hsum(a31)}};
+}
 #else
-    double s[4][2] = {{0}};
-    int64_t k = 0;
+#define SIMD 0
 #endif
-    for (int i = 0; i < 4; i++)
-        for (int64_t kk = k; kk < k_len; kk++) { s[i][0] += x[i * ldx + kk] * w0[kk]; s[i][1] += x[i * ldx + kk] * w1[kk]; }
-    for (int i = 0; i < 4; i++) { out[i * ldo] = s[i][0]; out[i * ldo + 1] = s[i][1]; }
-}
 
 /* out[b] = x[b] @ w[i]^T with i = w_index[b] (b itself when w_index is NULL). Batch
    entries are x_stride / w_stride / out_stride elements apart (0: shared). threads:
@@ -165,42 +130,32 @@ void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
                 int is_bf16, double *out, int64_t out_stride, int threads) {
     int64_t w_item = is_bf16 ? 2 : 4;
 #define W_AT(b) ((const char *)w + (w_index ? w_index[b] : (b)) * w_stride * w_item)
-#if defined(__AVX2__) && defined(__FMA__)
-    if (m == 1) {
+#if SIMD
+    if (m == 1) {  /* decode: each weight read once, widened in registers */
         int64_t quads = n / 4;
         #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t q = 0; q < quads; q++)
                 row_by_4(x + b * x_stride, W_AT(b), is_bf16, k, out + b * out_stride, q * 4);
         for (int64_t b = 0; b < batch; b++)
-            for (int64_t n0 = quads * 4; n0 < n; n0++)
-                block(x + b * x_stride, k, W_AT(b), is_bf16, k, out + b * out_stride, n, 0, 1, n0, 1);
+            dot_rows(x + b * x_stride, 0, 1, W_AT(b), is_bf16, quads * 4, n, k, out + b * out_stride, n);
         return;
     }
-#endif
-    int64_t pairs = n / 2, m_full = m / 4 * 4;
+    int64_t panels = (n + PANEL - 1) / PANEL;
     #pragma omp parallel num_threads(threads)
     {
-        double *buf = (double *)malloc(sizeof(double) * 2 * k);
+        double *panel = (double *)malloc(sizeof(double) * PANEL * (k > 0 ? k : 1));
         #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < batch; b++)
-            for (int64_t p = 0; p < pairs; p++) {
-                const void *wb = W_AT(b);
-                for (int64_t kk = 0; kk < 2 * k; kk++) buf[kk] = W_VALUE(wb, is_bf16, 2 * p * k + kk);
-                const double *xb = x + b * x_stride;
-                double *ob = out + b * out_stride;
-                for (int64_t m0 = 0; m0 < m_full; m0 += 4)
-                    four_by_two(xb + m0 * k, k, buf, buf + k, k, ob + m0 * n + 2 * p, n);
-                if (m_full < m)
-                    block(xb, k, wb, is_bf16, k, ob, n, m_full, (int)(m - m_full), 2 * p, 2);
-            }
-        free(buf);
+            for (int64_t p = 0; p < panels; p++)
+                panel_gemm(m, n, k, x + b * x_stride, W_AT(b), is_bf16, out + b * out_stride, panel, p);
+        free(panel);
     }
-    if (n % 2)
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t m0 = 0; m0 < m; m0 += 4)
-                block(x + b * x_stride, k, W_AT(b), is_bf16, k,
-                      out + b * out_stride, n, m0, m - m0 < 4 ? (int)(m - m0) : 4, n - 1, 1);
+#else
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < batch; b++)
+        dot_rows(x + b * x_stride, 0, m, W_AT(b), is_bf16, 0, n, k, out + b * out_stride, n);
+#endif
 }
 
 /* ------------------------------------------------------------------ a whole device linear

@@ -11,8 +11,10 @@ decode step is bound by. Same products, same exact sums, so the same bits as tor
 The kernel is compiled with the system's C compiler at first use, into
 ~/.cache/ttcompile/kernels/ keyed by its source, flags and the CPU (-march=native), and
 loaded with ctypes. Without a compiler the emulator takes torch's float64 GEMM: slower,
-the same results. It runs for up to KERNEL_MAX_ROWS activation rows; more rows (prefill)
-are compute-bound, where torch's GEMM is faster.
+the same results. One activation row (decode) streams the weights, widening them in
+registers; more rows (batches, prefill) widen a panel of 8 weight rows once and run a
+6 x 8 register-blocked micro-kernel over it, about as fast as torch's float64 GEMM on
+operands it would first have to widen.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("exact_gemm.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
-KERNEL_MAX_ROWS = 32  # activation rows up to which the kernel beats torch's float64 GEMM
 STORED = (torch.bfloat16, torch.float32)  # weight dtypes the kernel reads
 
 _state: dict = {"lib": None, "tried": False, "enabled": True, "why": ""}
@@ -132,7 +133,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None = None
     pieces). Exact products, exact sums."""
     batch = x.shape[0] if w_index is not None else max(x.shape[0], w.shape[0])
     m, k, n = x.shape[1], x.shape[2], w.shape[1]
-    lib = _library() if m <= KERNEL_MAX_ROWS and w.dtype in STORED else None
+    lib = _library() if w.dtype in STORED else None
     if lib is None:
         w = w if w_index is None else w[w_index]
         return torch.matmul(x.to(torch.float64), w.to(torch.float64).transpose(-1, -2))
@@ -169,9 +170,9 @@ def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None
     w [U, N, K * len(parts)], entry b against w[w_index[b]] (w[b] without an index), the
     activation taken as `src_mode` and split into `parts`, float64 sums plus `bias` [N],
     rounded to a float32 Dst and written as `out_mode`. -> [B, M, N]; None where the
-    kernel does not run (no compiler, more than KERNEL_MAX_ROWS rows, a float64 weight)."""
+    kernel does not run (no compiler, a float64 weight)."""
     m = x.shape[1]
-    lib = _library() if m <= KERNEL_MAX_ROWS and w.dtype in STORED else None
+    lib = _library() if w.dtype in STORED else None
     if lib is None or parts not in PARTS or src_mode not in SRC_MODES:
         return None
     batch = len(w_index) if w_index is not None else w.shape[0]
