@@ -17,6 +17,7 @@ from lowering.program import Function, Op, Program, TensorSpec
 from models_ref import ops as ref
 from models_ref.rope import cos_sin_tables, transformation_matrix
 from runtime import blockfloat
+from runtime.emulator import exact_gemm
 from runtime.emulator.backend import EmulatorBackend
 from runtime.emulator.ops import IMPLS
 
@@ -381,3 +382,8 @@ def test_torch_blockfloat_matches_numpy_reference():
             want = blockfloat.quantize(x, fmt).view(np.int32)
             got = quantize_torch(torch.from_numpy(x), fmt).numpy().view(np.int32)
             assert np.array_equal(want, got), (fmt, x.shape, int((want != got).sum()))
+            f = blockfloat.FORMATS[fmt]  # the C kernel's (exact_gemm.c), as bfloat16
+            kernel = exact_gemm.blockfloat(torch.from_numpy(x), f.mantissa_bits, f.exponent_bias_offset)
+            assert kernel.dtype == torch.bfloat16
+            got = kernel.float().numpy().view(np.int32)
+            assert np.array_equal(want, got), ("kernel", fmt, x.shape, int((want != got).sum()))

@@ -219,3 +219,41 @@ void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
     free(xd);
     free(acc);
 }
+
+/* ------------------------------------------------------------------ block floats
+   runtime/blockfloat.py's quantize (bit-equal to ttnn's host conversion) on rows of
+   float32, written as the bfloat16 the emulator holds block floats in (exactly): groups of
+   16 along a row share the largest exponent, mantissas are aligned by truncation and
+   rounded to `mantissa_bits` (nearest, ties to even, saturating). */
+void blockfloat_quantize(const float *x, int64_t rows, int64_t cols, int mantissa_bits, int offset,
+                         uint16_t *out) {
+    int drop = 24 - mantissa_bits;
+    uint32_t q_max = (1u << mantissa_bits) - 1;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < cols; g += 16) {
+            int n = cols - g < 16 ? (int)(cols - g) : 16;  /* zero padding never raises the exponent */
+            const float *src = x + r * cols + g;
+            uint32_t bits[16], big = 0;
+            for (int i = 0; i < n; i++) {
+                bits[i] = f32_bits(src[i]);
+                uint32_t e = (bits[i] >> 23) & 0xFF;
+                if (e > big) big = e;
+            }
+            for (int i = 0; i < n; i++) {
+                uint32_t e = (bits[i] >> 23) & 0xFF;
+                uint32_t m = e ? ((bits[i] & 0x7FFFFFu) | (1u << 23)) : 0;
+                uint32_t shift = big - e < 31 ? big - e : 31;
+                m >>= shift;
+                m += (1u << (drop - 1)) - 1 + ((m >> drop) & 1u);
+                uint32_t q = m >> drop;
+                if (q > q_max) q = q_max;
+                uint16_t result = 0;
+                if (q) {
+                    uint32_t v = f32_bits((float)q) | (bits[i] & 0x80000000u);
+                    v += (big - (uint32_t)offset) << 23;
+                    result = bf16_even(bits_f32(v));
+                }
+                out[r * cols + g + i] = result;
+            }
+        }
+}

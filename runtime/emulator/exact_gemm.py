@@ -94,6 +94,9 @@ def _library():
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        lib.blockfloat_quantize.restype = None
+        lib.blockfloat_quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                            ctypes.c_int, ctypes.c_void_p]
         _state["lib"] = lib
     return _state["lib"]
 
@@ -189,4 +192,19 @@ def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None
                          PARTS[parts], w.data_ptr(), w.stride(0), None if w_index is None else w_index.data_ptr(),
                          int(w.dtype == torch.bfloat16), None if bias is None else bias.data_ptr(), code,
                          out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def blockfloat(values: torch.Tensor, mantissa_bits: int, exponent_bias_offset: int) -> torch.Tensor | None:
+    """runtime/blockfloat.py's quantize in one kernel call, as bfloat16 (block-float values
+    are exact in it); None without the kernel."""
+    lib = _library()
+    if lib is None:
+        return None
+    x = values.detach().to(torch.float32).contiguous()
+    cols = x.shape[-1] if x.dim() else 1
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    if x.numel():
+        lib.blockfloat_quantize(x.data_ptr(), x.numel() // cols, cols, mantissa_bits, exponent_bias_offset,
+                                out.data_ptr())
     return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import blockfloat
-from . import fidelity
+from . import exact_gemm, fidelity
 from .blockfloat_torch import quantize as quantize_blockfloat
 
 TILE = 32
@@ -32,6 +32,10 @@ def impl(name):
 def quantize_like(values: torch.Tensor, dtype: str) -> torch.Tensor:
     """Round `values` to a device dtype; block floats are held in bfloat16 (exactly)."""
     if dtype in blockfloat.FORMATS:
+        fmt = blockfloat.FORMATS[dtype]
+        done = exact_gemm.blockfloat(values, fmt.mantissa_bits, fmt.exponent_bias_offset)
+        if done is not None:
+            return done
         if values.numel() <= SMALL:  # a KV row per step: numpy's fixed cost is lower
             q = blockfloat.quantize(values.detach().float().numpy(), dtype)
             return torch.from_numpy(q).to(torch.bfloat16)
