@@ -48,6 +48,7 @@ def worker(program: Path, steps: int, batch: int, prefill_len: int) -> dict:
     import torch
 
     import runtime
+    from runtime.emulator import exact_gemm
 
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -71,7 +72,8 @@ def worker(program: Path, steps: int, batch: int, prefill_len: int) -> dict:
         tokens[:users] = session.decode(tokens, positions)[:users].argmax(-1)
     wall, cpu = (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
     return {"load_s": load_s, "prefill_s": prefill_s, "decode_s": wall, "decode_cpu_s": cpu, "users": users,
-            "rss_mb": rss_mb(), "bytes_per_token": operand_bytes(session.backend, "decode")}
+            "rss_mb": rss_mb(), "bytes_per_token": operand_bytes(session.backend, "decode"),
+            "matmuls": exact_gemm.status()}
 
 
 def operand_bytes(backend, fn: str) -> int:
@@ -164,7 +166,8 @@ def main() -> None:
     n150 = mesh["N150"]
     e_dec, h_dec = med([r["decode_s"] for r in n150]), med([r["decode_s"] for r in hf])
     e_pre, h_pre = med(emu_prefill), med([r["prefill_s"] for r in hf])
-    print(f"SmolLM2-135M, {args.steps} decode steps after a 128-token prompt, median of {args.rounds} rounds")
+    print(f"SmolLM2-135M, {args.steps} decode steps after a 128-token prompt, median of {args.rounds} rounds; "
+          f"matmuls: {mesh['N150'][0]['matmuls']}")
     print(f"  batch-1 decode   emulator N150 {1 / e_dec:7.1f} tok/s  HF eager bf16 {1 / h_dec:7.1f} tok/s"
           f"  ratio {h_dec / e_dec:5.2f}x (goal >= 1.5x)")
     print(f"  512-token prefill emulator N150 {512 / e_pre:6.0f} tok/s  HF eager bf16 {512 / h_pre:7.0f} tok/s"

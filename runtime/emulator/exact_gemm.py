@@ -55,7 +55,7 @@ def _library_path() -> Path:
 def _build(path: Path) -> None:
     """Compile into a temporary file and rename it into place (concurrent test workers may
     build at once; each rename is atomic and the results are the same file)."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +103,13 @@ def _library():
 
 def available() -> bool:
     return _library() is not None
+
+
+def status() -> str:
+    """One line on how the emulator's matmuls run here (for benchmarks and reports)."""
+    if available():
+        return f"exact-sum kernel {_library_path().name}"
+    return f"torch float64 GEMM (kernel unavailable: {_state['why'] or 'disabled'})"
 
 
 @contextlib.contextmanager
