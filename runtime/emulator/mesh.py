@@ -10,8 +10,9 @@ runs chip by chip and its results are stacked (correct for every op, only slower
 Collectives are reductions and concatenations over the leading dimensions, summing in
 the order the per-chip emulator does, so results are bit for bit the same.
 
-Paged KV caches are MeshPagePool (pools.py): memory for the blocks written only. Matmul
-operands whose chips hold equal pieces hold each once (shared_pieces.py).
+Paged KV caches are MeshPagePool (pools.py): memory for the blocks written only; their
+adapters are mesh_paged.py. Matmul operands whose chips hold equal pieces hold each once
+(shared_pieces.py).
 
 Spread over processes (ranks.py), a process's mesh values hold only its block of the
 leading dimensions; `run`'s `full_along` gives a collective's input the whole stack
@@ -23,7 +24,7 @@ import torch
 
 from lowering.program import resolve_scalar
 
-from . import fidelity, ops
+from . import fidelity
 from .fidelity import PreparedWeight
 from .pools import MeshPagePool
 from .shared_pieces import SharedPieces, share_equal_pieces
@@ -285,91 +286,6 @@ def _pieces(weight: PreparedWeight, act_lead) -> tuple[torch.Tensor, torch.Tenso
     return known[tuple(act_lead)]
 
 
-# ---------------------------------------------------------------- paged caches
-def _host(value):
-    """A host input (page table, positions): the same on every chip."""
-    if not _is_replicated(value):
-        raise ValueError("a page table or position tensor differs between chips")
-    return value[0, 0]
-
-
-def _expand(t: torch.Tensor, lead) -> torch.Tensor:
-    return t.expand(*lead, *t.shape[LEAD:])
-
-
-@batched("ttnn.experimental.paged_update_cache")
-def _paged_update(impl, cache, x, update_idxs_tensor=None, page_table=None, cache_dtype="bfloat16"):
-    if not isinstance(cache, MeshPagePool) or page_table is None:
-        return per_chip(impl, (cache, x), dict(update_idxs_tensor=update_idxs_tensor, page_table=page_table,
-                                               cache_dtype=cache_dtype))
-    positions, table = _host(update_idxs_tensor).long(), _host(page_table)
-    rows = _expand(ops.quantize_like(x[:, :, 0], cache_dtype), cache.lead)  # [*lead, B, Hkv, hd]
-    users, blocks, offsets = ops._paged_users(table, positions, cache.block_size)
-    if users.numel():
-        cache.write_rows(blocks, offsets, rows[:, :, users])
-
-
-@batched("ttnn.experimental.paged_fill_cache")
-def _paged_fill(impl, cache, x, page_table, batch_idx=0, cache_dtype="bfloat16"):
-    if not isinstance(cache, MeshPagePool):
-        return per_chip(impl, (cache, x, page_table), dict(batch_idx=batch_idx, cache_dtype=cache_dtype))
-    bs = cache.block_size
-    blocks = _host(page_table)[batch_idx].long()
-    heads, head_dim = x.shape[-3], x.shape[-1]
-    rows = x[:, :, 0].reshape(*x.shape[:LEAD], heads, -1, bs, head_dim).transpose(2, 3)  # [*lead, n, Hkv, bs, hd]
-    cache.write_blocks(blocks, _expand(rows[:, :, : len(blocks)], cache.lead).to(cache.dtype))
-
-
-class _Folded:
-    """A MeshPagePool seen by ops.py's gathers as one chip's cache whose users are the
-    chips' users in row-major chip order: `cache[table]` -> [chips * users, n, Hkv, bs, hd]."""
-
-    def __init__(self, pool: MeshPagePool, lead):
-        self.pool, self.lead = pool, lead
-        self.shape, self.dtype = pool.shape, pool.dtype
-
-    def __getitem__(self, blocks):
-        got = self.pool.gather(blocks)  # [*lead, users, n, Hkv, bs, hd]
-        got = _expand(got, self.lead)
-        return got.reshape(-1, *got.shape[LEAD + 1:])
-
-
-def _fold(q: torch.Tensor, lead, batch_dim: int) -> torch.Tensor:
-    """q [*lead, *shape] -> one chip's shape whose dimension `batch_dim` holds the chips'
-    entries in row-major chip order (as _Folded lays out their users)."""
-    q = _expand(q, lead).reshape(-1, *q.shape[LEAD:])
-    return q.movedim(0, batch_dim).flatten(batch_dim, batch_dim + 1)
-
-
-def _unfold(out: torch.Tensor, lead, batch_dim: int) -> torch.Tensor:
-    """_fold's inverse for an op's result."""
-    out = out.unflatten(batch_dim, (lead[0] * lead[1], -1)).movedim(batch_dim, 0)
-    return out.reshape(*lead, *out.shape[1:])
-
-
-@batched("ttnn.transformer.paged_scaled_dot_product_attention_decode")
-def _paged_decode(impl, q, k_cache, v_cache, page_table_tensor=None, cur_pos_tensor=None, **kwargs):
-    if not isinstance(k_cache, MeshPagePool):
-        return per_chip(impl, (q, k_cache, v_cache), dict(kwargs, page_table_tensor=page_table_tensor,
-                                                          cur_pos_tensor=cur_pos_tensor))
-    lead = _lead_of([q, k_cache, v_cache])
-    chips = lead[0] * lead[1]
-    positions = _host(cur_pos_tensor)
-    out = impl(_fold(q, lead, 1), _Folded(k_cache, lead), _Folded(v_cache, lead),
-               page_table_tensor=_host(page_table_tensor), cur_pos_tensor=positions.repeat(chips), **kwargs)
-    return _unfold(out, lead, 1)
-
-
-@batched("ttnn.transformer.chunked_scaled_dot_product_attention")
-def _chunked(impl, q, k_cache, v_cache, page_table_tensor, chunk_start_idx, **kwargs):
-    if not isinstance(k_cache, MeshPagePool):
-        return per_chip(impl, (q, k_cache, v_cache, page_table_tensor, chunk_start_idx), kwargs)
-    lead = _lead_of([q, k_cache, v_cache])
-    out = impl(_fold(q, lead, 0), _Folded(k_cache, lead), _Folded(v_cache, lead), _host(page_table_tensor)[:1],
-               chunk_start_idx, **kwargs)
-    return _unfold(out, lead, 0)
-
-
 # ---------------------------------------------------------------- collectives
 def _parts(x: torch.Tensor, axis: int, size: int) -> list[torch.Tensor]:
     """The group members along mesh `axis`, in order (a replicated axis: the same tensor)."""
@@ -424,3 +340,6 @@ def chip_views(value, mesh_shape) -> list:
     """A mesh value as the per-chip list (views into it)."""
     rows, cols = mesh_shape
     return [_pick(value, r, c) for r in range(rows) for c in range(cols)]
+
+
+from . import mesh_paged  # noqa: E402,F401  (registers the paged-cache adapters)
