@@ -29,7 +29,7 @@ def test_the_kernel_is_built_here():
 def test_same_bits_as_torch_float64(m, n, k, w_dtype):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     x, w = _operand((m, k), torch.float32, g), _operand((n, k), w_dtype, g)
-    got = exact_gemm.linear(x, w)
+    got = exact_gemm.matmul(x[None], w[None])[0]
     assert got.dtype == torch.float64
     assert torch.equal(got, torch.nn.functional.linear(x.double(), w.double()))
 
@@ -56,7 +56,7 @@ def test_torch_only_takes_the_torch_path():
     x, w = _operand((2, 16), torch.float32, g), _operand((8, 16), torch.bfloat16, g)
     with exact_gemm.torch_only():
         assert not exact_gemm.available()
-        assert torch.equal(exact_gemm.linear(x, w), exact_gemm.linear(x, w.float()))
+        assert torch.equal(exact_gemm.matmul(x[None], w[None]), exact_gemm.matmul(x[None], w.float()[None]))
     assert exact_gemm.available()
 
 

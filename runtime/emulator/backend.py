@@ -141,9 +141,9 @@ class EmulatorBackend:
         read = {name for steps in self.steps.values() for step in steps
                 for kind, v in [*step.args, *step.kwargs.values()] if kind in ("t", "tl")
                 for name in (v if kind == "tl" else [v])}
-        same_values = {key.split("#")[0]: key for key, pieces in self.multiplier_weights.items()
-                       if key.split("#")[0] not in read
-                       and all(p.values is w for p, w in zip(pieces, self.env[key.split("#")[0]]))}
+        bases = {key: key.split("#")[0] for key in self.multiplier_weights}
+        same_values = {bases[key]: key for key, pieces in self.multiplier_weights.items()
+                       if bases[key] not in read and all(p.values is w for p, w in zip(pieces, self.env[bases[key]]))}
         stacked = {}
         for name in list(self.multiplier_weights) + [w for w in self.program.weights if w not in same_values]:
             value = stacked[name] = mesh.stack_weight(self.env[name], self.lead)

@@ -162,11 +162,8 @@ void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
    What fidelity.py's Python path does around the GEMM, in one call (the same bits):
    the activation as the matrix unit's SrcB holds it, the float64 sums, the bias, the
    float32 Dst and the packer's rounding. */
-enum { SRC_RAW = 0, SRC_TF32 = 1 };                                 /* src_mode */
 enum { PARTS_SRC = 1, PARTS_HIGH = 2, PARTS_HIGH_LOW = 3 };         /* parts */
 enum { OUT_F32 = 0, OUT_BF16_EVEN = 1, OUT_BF16_AWAY = 2 };         /* out_mode */
-#define TF32_B 0xFFFFE000u  /* fidelity.TF32_BITS["B"] */
-#define HIGH_B 0xFFFE0000u  /* fidelity.HIGH_BITS["B"] */
 #define EXPONENT_F32 0x7F800000u
 
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -185,7 +182,7 @@ static uint16_t bf16_away(float f) {  /* fidelity.to_bfloat16: ties away, denorm
 }
 
 void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
-                  const float *x, int64_t x_stride, int x_batches, int src_mode, int parts,
+                  const float *x, int64_t x_stride, int x_batches, uint32_t src_mask, uint32_t high_mask, int parts,
                   const void *w, int64_t w_stride, const int64_t *w_index, int is_bf16,
                   const double *bias, int out_mode, void *out, int threads) {
     int64_t width = parts == PARTS_HIGH_LOW ? 2 * k : k, rows = (int64_t)x_batches * m;
@@ -197,12 +194,12 @@ void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
             double *dst = xd + (b * m + i) * width;
             for (int64_t j = 0; j < k; j++) {
                 float v = src[j];
-                if (src_mode == SRC_TF32) {
+                if (src_mask) {  /* the bits the unpacker keeps in SrcB; denormals -> +0 */
                     uint32_t u = f32_bits(v);
-                    v = (u & EXPONENT_F32) ? bits_f32(u & TF32_B) : 0.0f;
+                    v = (u & EXPONENT_F32) ? bits_f32(u & src_mask) : 0.0f;
                 }
                 if (parts == PARTS_SRC) { dst[j] = v; continue; }
-                float high = bits_f32(f32_bits(v) & HIGH_B);
+                float high = bits_f32(f32_bits(v) & high_mask);
                 dst[j] = high;
                 if (parts == PARTS_HIGH_LOW) dst[k + j] = v - high;
             }

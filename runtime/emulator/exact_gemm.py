@@ -1,4 +1,5 @@
-"""Exact float64 matmuls over weights held at their stored width (bfloat16 or float32).
+"""Exact float64 matmuls over weights held at their stored width (bfloat16 or float32),
+and the emulator's block-float rounding, as one small C library (exact_gemm.c).
 
 The emulator's matmul operands have at most 11 significant bits (fidelity.py), so every
 product is exact in float64 and so is each dot product's sum: the result does not depend
@@ -91,7 +92,7 @@ def _library():
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         lib.exact_linear.restype = None
         lib.exact_linear.argtypes = [ctypes.c_int64] * 4 + [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         lib.blockfloat_quantize.restype = None
@@ -161,29 +162,24 @@ def matmul(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None = None
     return out
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T -> float64 [..., N]: the exact sums of fidelity.py's matmul."""
-    rows = x.reshape(1, -1, x.shape[-1])
-    return matmul(rows, w.unsqueeze(0)).reshape(*x.shape[:-1], w.shape[0])
-
-
-# exact_linear's codes (exact_gemm.c): how the activation enters, which of its parts the
-# weight's columns pair with, how the float32 Dst is written.
-SRC_MODES = {"raw": 0, "tf32": 1}
+# exact_linear's codes (exact_gemm.c): which of the activation's parts the weight's
+# columns pair with, how the float32 Dst is written.
 PARTS = {("src",): 1, ("high",): 2, ("high", "low"): 3}
 OUT_MODES = {"float32": (0, torch.float32), "bf16_even": (1, torch.bfloat16), "bf16_away": (2, torch.bfloat16)}
 
 
-def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None, src_mode: str,
-                  parts: tuple[str, ...], bias: torch.Tensor | None, out_mode: str) -> torch.Tensor | None:
+def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None, src_mask: int,
+                  high_mask: int, parts: tuple[str, ...], bias: torch.Tensor | None,
+                  out_mode: str) -> torch.Tensor | None:
     """fidelity.py's whole linear in one kernel call: x [Bx, M, K] (Bx 1: every entry's),
-    w [U, N, K * len(parts)], entry b against w[w_index[b]] (w[b] without an index), the
-    activation taken as `src_mode` and split into `parts`, float64 sums plus `bias` [N],
-    rounded to a float32 Dst and written as `out_mode`. -> [B, M, N]; None where the
-    kernel does not run (no compiler, a float64 weight)."""
+    w [U, N, K * len(parts)], entry b against w[w_index[b]] (w[b] without an index); the
+    activation keeps the float32 bits of `src_mask` (0: as it is) and splits into `parts`
+    at `high_mask`; float64 sums plus `bias` [N], rounded to a float32 Dst and written as
+    `out_mode`. -> [B, M, N]; None where the kernel does not run (no compiler, a float64
+    weight)."""
     m = x.shape[1]
     lib = _library() if w.dtype in STORED else None
-    if lib is None or parts not in PARTS or src_mode not in SRC_MODES:
+    if lib is None or parts not in PARTS:
         return None
     batch = len(w_index) if w_index is not None else w.shape[0]
     x = x.to(torch.float32).contiguous()
@@ -195,8 +191,8 @@ def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None
     code, dtype = OUT_MODES[out_mode]
     out = torch.empty(batch, m, w.shape[1], dtype=dtype)
     if out.numel():
-        lib.exact_linear(batch, m, w.shape[1], x.shape[2], x.data_ptr(), x.stride(0), x.shape[0], SRC_MODES[src_mode],
-                         PARTS[parts], w.data_ptr(), w.stride(0), None if w_index is None else w_index.data_ptr(),
+        lib.exact_linear(batch, m, w.shape[1], x.shape[2], x.data_ptr(), x.stride(0), x.shape[0], src_mask,
+                         high_mask, PARTS[parts], w.data_ptr(), w.stride(0), None if w_index is None else w_index.data_ptr(),
                          int(w.dtype == torch.bfloat16), None if bias is None else bias.data_ptr(), code,
                          out.data_ptr(), torch.get_num_threads())
     return out

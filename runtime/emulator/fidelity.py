@@ -224,8 +224,8 @@ def prepared_product(x: torch.Tensor, pieces: torch.Tensor, weight: PreparedWeig
     (the same bits)."""
     multiplier = weight.multiplier
     out_mode = "float32" if dtype != "bfloat16" else "bf16_away" if multiplier.fidelity else "bf16_even"
-    src_mode = "raw" if multiplier.fidelity is None else "tf32" if multiplier.fp32_dest else "bf16"
-    done = exact_gemm.device_linear(x, pieces, w_index, src_mode, weight.parts, bias, out_mode)
+    src_mask = 0 if multiplier.fidelity is None else TF32_BITS["B"] if multiplier.fp32_dest else BF16_BITS
+    done = exact_gemm.device_linear(x, pieces, w_index, src_mask, HIGH_BITS["B"], weight.parts, bias, out_mode)
     if done is not None:
         return done
     acc = exact_gemm.matmul(_activation(x, weight.parts, multiplier), pieces, w_index)

@@ -274,16 +274,12 @@ def _pieces(weight: PreparedWeight, act_lead) -> tuple[torch.Tensor, torch.Tenso
     dims)."""
     if isinstance(weight, SharedPieces):
         return weight.values, weight.chip_piece, weight.lead
-    known = weight.__dict__.setdefault("_pieces_for", {})  # decode meets the same leads every step
-    if tuple(act_lead) not in known:
-        values = weight.values
-        held = values.shape[:LEAD]
-        lead = tuple(max(h, a) for h, a in zip(held, act_lead))
-        rows = torch.arange(lead[0]) * (held[0] > 1)
-        cols = torch.arange(lead[1]) * (held[1] > 1)
-        known[tuple(act_lead)] = (values.flatten(0, LEAD - 1), (rows[:, None] * held[1] + cols[None, :]).flatten(),
-                                  lead)
-    return known[tuple(act_lead)]
+    values = weight.values
+    held = values.shape[:LEAD]
+    lead = tuple(max(h, a) for h, a in zip(held, act_lead))
+    rows = torch.arange(lead[0]) * (held[0] > 1)
+    cols = torch.arange(lead[1]) * (held[1] > 1)
+    return values.flatten(0, LEAD - 1), (rows[:, None] * held[1] + cols[None, :]).flatten(), lead
 
 
 # ---------------------------------------------------------------- collectives
