@@ -99,7 +99,7 @@ def test_chips_with_equal_matmul_pieces_share_one_copy_and_multiply_the_same():
     """A [2, 4]-chip operand with 3 distinct pieces (as a TG program's padded heads and
     replicated KV heads give) is held as 3 pieces; linear on a replicated and on a per-chip
     activation gives the bits of the whole stack."""
-    from runtime.emulator import fidelity, mesh, ops
+    from runtime.emulator import exact_gemm, fidelity, mesh, ops
 
     g = torch.Generator().manual_seed(0)
     distinct = [torch.randn(16, 32, generator=g).bfloat16().float() for _ in range(3)]
@@ -110,7 +110,7 @@ def test_chips_with_equal_matmul_pieces_share_one_copy_and_multiply_the_same():
     shared = mesh.stack_weight(per_chip, (2, 4))
     assert isinstance(shared, mesh.SharedPieces) and len(shared.values) == 3
     assert shared.chip_piece.tolist() == [0, 1, 2, 2, 1, 0, 2, 2]
-    whole = fidelity.PreparedWeight(torch.stack([p.values for p in per_chip]).reshape(2, 4, 16, 32),
+    whole = fidelity.PreparedWeight(torch.stack(exact_gemm.same_form([p.values for p in per_chip])).reshape(2, 4, 16, 32),
                                     per_chip[0].parts, multiplier)
     for x in (torch.randn(1, 1, 1, 1, 5, 32, generator=g).bfloat16(),  # the same on every chip
               torch.randn(2, 4, 1, 1, 5, 32, generator=g).bfloat16()):  # each chip its own

@@ -109,8 +109,9 @@ def test_two_ranks_equal_one_process(programs, single, tmp_path):
     results = _run_ranks(2, [programs[t] for t in TARGETS], tmp_path)
     for t in TARGETS:
         _check(single[t], results[programs[t].name])
-    # the share that matters (2.5x: the tiny TG program's chips hold many equal pieces, once)
-    assert single["TG"]["weights"][0] > 2 * single["TG"]["weights"][1]
+    # the share that matters (1.34x: the tiny TG program's chips hold many equal pieces,
+    # once, and its block-float operands at a byte a weight, beside float32 embeddings)
+    assert single["TG"]["weights"][0] > 1.2 * single["TG"]["weights"][1]
 
 
 @pytest.mark.slow

@@ -112,3 +112,76 @@ def test_packing_ties_and_denormals_match_the_python_rounding():
         with exact_gemm.torch_only():
             want = fidelity_mod.linear(x, prepared, None, "bfloat16")
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), fidelity
+
+
+# ---------------------------------------------------------------- block mantissas
+def _block_float_weight(n, k, dtype, generator):
+    """An [N, K] operand quantised as ttnn quantises a linear's [K, N] weight: groups of
+    16 output features per input index (one column of 16 rows here)."""
+    from runtime.emulator.ops import quantize_like
+
+    w_kn = torch.randn(k, n, generator=generator) * 0.02
+    w_kn[0] *= 300  # a column with larger values: its groups take another exponent
+    return quantize_like(w_kn, dtype).t().contiguous()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat8_b", "bfloat4_b"])
+@pytest.mark.parametrize("n,k", [(1, 7), (5, 3), (16, 8), (17, 9), (33, 40), (130, 70)])
+def test_block_floats_pack_to_a_byte_a_weight_and_multiply_the_same(dtype, n, k):
+    g = torch.Generator().manual_seed(n * 100 + k)
+    w = _block_float_weight(n, k, dtype, g)
+    packed = exact_gemm.pack_blocks(w)
+    assert packed.dtype == torch.int8 and packed.shape == (n + -(-n // 16), k)
+    assert exact_gemm.block_features(packed) == n
+    assert torch.equal(exact_gemm.unpack_blocks(packed), w.float())
+    for m in (1, 2, 7):  # the decode path (a group of 16 rows at a time) and the panel path
+        x = _operand((m, k), torch.float32, g)
+        want = torch.nn.functional.linear(x.double(), w.double())
+        assert torch.equal(exact_gemm.matmul(x[None], packed[None])[0], want)
+        with exact_gemm.torch_only():
+            assert torch.equal(exact_gemm.matmul(x[None], packed[None])[0], want)
+
+
+def test_packed_pieces_are_taken_by_index():
+    g = torch.Generator().manual_seed(11)
+    pieces = torch.stack([exact_gemm.pack_blocks(_block_float_weight(20, 24, "bfloat8_b", g)) for _ in range(3)])
+    x, index = _operand((6, 1, 24), torch.float32, g), torch.tensor([2, 0, 0, 1, 2, 2])
+    dense = exact_gemm.unpack_blocks(pieces)
+    want = torch.matmul(x.double(), dense[index].double().transpose(-1, -2))
+    assert torch.equal(exact_gemm.matmul(x, pieces, index), want)
+
+
+def test_values_that_do_not_fit_a_group_stay_as_they_are():
+    g = torch.Generator().manual_seed(12)
+    plain = torch.randn(32, 16, generator=g).to(torch.bfloat16)  # 8 significant bits, spread exponents
+    assert exact_gemm.pack_blocks(plain) is None
+    assert exact_gemm.stored(plain.float()).dtype == torch.bfloat16
+    blocks = _block_float_weight(32, 16, "bfloat8_b", g).float()
+    assert exact_gemm.stored(blocks).dtype == torch.int8
+    finer = blocks.clone()
+    finer[3, 5] += finer[0:16, 5].abs().max() * 2.0 ** -9  # a bit below its group's last
+    assert exact_gemm.pack_blocks(finer) is None
+    for special in (float("inf"), float("nan")):
+        bad = blocks.clone()
+        bad[0, 0] = special
+        assert exact_gemm.pack_blocks(bad) is None
+    mixed = exact_gemm.same_form([exact_gemm.pack_blocks(blocks), plain])
+    assert [t.dtype for t in mixed] == [torch.bfloat16] * 2 and torch.equal(mixed[0].float(), blocks)
+
+
+@pytest.mark.parametrize("fidelity,as_stored", [("LoFi", False), ("HiFi2", True), ("HiFi4", True)])
+def test_block_float_operands_are_held_packed(fidelity, as_stored):
+    """bfloat8_b weights: every fidelity's operand packs; HiFi2/HiFi4 multiply the weight's
+    own values (so the backend holds the weight once, as its operand); LoFi's high bits
+    do not."""
+    g = torch.Generator().manual_seed(13)
+    w = _block_float_weight(48, 64, "bfloat8_b", g)
+    multiplier = fidelity_mod.Multiplier.of({"math_fidelity": fidelity, "fp32_dest_acc_en": True})
+    prepared = fidelity_mod.prepare_weight(w, multiplier)
+    assert prepared.values.dtype == torch.int8 and prepared.as_stored is as_stored
+    assert torch.equal(prepared.dense(), prepared.dense().bfloat16().float())
+    x = _scaled((3, 64), g)
+    got = fidelity_mod.linear(x, prepared, None, "bfloat16")
+    plain = fidelity_mod.PreparedWeight(prepared.dense(), prepared.parts, multiplier)
+    with exact_gemm.torch_only():
+        assert torch.equal(got.view(torch.int16), fidelity_mod.linear(x, plain, None, "bfloat16").view(torch.int16))

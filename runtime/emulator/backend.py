@@ -72,6 +72,7 @@ class EmulatorBackend:
         self.multiplier_weights: dict[str, list] = {}
         self.system = self._open_system(system)
         self.linear_weights = self._linear_weight_names(program)
+        self.lookup_tables = self._lookup_tables(program)
         self.page_pools = self._page_pool_names(program)
         self.env: dict[str, list[torch.Tensor]] = {}
         self.sampling_rngs = [np.random.default_rng(u) for u in range(32)]
@@ -83,6 +84,8 @@ class EmulatorBackend:
         self.reset()
         self.steps = {name: self._prepare(fn) for name, fn in program.functions.items()}
         self.mesh_weights = self._stack_weights() if self.mesh_batched else {}
+        for name, key in self._multiplied_as_stored().items():  # each weight held once
+            self.env[name] = list(self.env[key])
         _return_freed_memory()
         self.ops_executed: Counter = Counter()
         self.collectives_executed: Counter = Counter()
@@ -117,6 +120,19 @@ class EmulatorBackend:
         return names
 
     @staticmethod
+    def _lookup_tables(program: Program) -> set[str]:
+        """Weights only ttnn.embedding reads, as its table: held as stored (a lookup copies
+        rows; widening a vocabulary table to float32 would double its bytes)."""
+        tables, other = set(), set()
+        for fn in program.functions.values():
+            for op in fn.ops:
+                refs = [(i, a) for i, a in enumerate(op.args)] + [(None, v) for v in op.kwargs.values()]
+                for i, a in refs:
+                    if is_tensor_ref(a) and tensor_name(a) in program.weights:
+                        (tables if op.op == "ttnn.embedding" and i == 1 else other).add(tensor_name(a))
+        return tables - other
+
+    @staticmethod
     def _page_pool_names(program: Program) -> set[str]:
         """State tensors only paged ops read, each through a page table."""
         paged, other = set(), set()
@@ -133,27 +149,28 @@ class EmulatorBackend:
                         other.add(tensor_name(v))
         return paged - other
 
-    def _stack_weights(self) -> dict:
-        """Weights (and their matmul operands) as mesh values; the per-chip lists become
-        views of them, so nothing is held twice. A weight no step reads but through its
-        matmul operand, the operand holding the very same values (multiplied as stored),
-        becomes views of the operand's stack (which holds equal pieces once)."""
+    def _multiplied_as_stored(self) -> dict[str, str]:
+        """Weights no step reads but through one matmul operand holding their very values
+        (multiplied as stored) -> that operand's name: the operand alone holds them."""
         read = {name for steps in self.steps.values() for step in steps
                 for kind, v in [*step.args, *step.kwargs.values()] if kind in ("t", "tl")
                 for name in (v if kind == "tl" else [v])}
-        bases = {key: key.split("#")[0] for key in self.multiplier_weights}
-        same_values = {bases[key]: key for key, pieces in self.multiplier_weights.items()
-                       if bases[key] not in read and all(p.values is w for p, w in zip(pieces, self.env[bases[key]]))}
+        return {key.split("#")[0]: key for key, pieces in self.multiplier_weights.items()
+                if key.split("#")[0] not in read and all(p.as_stored for p in pieces)}
+
+    def _stack_weights(self) -> dict:
+        """Weights (and their matmul operands) as mesh values; the per-chip lists become
+        views of them, so nothing is held twice (a weight multiplied as stored: its
+        operand's views, set by the caller)."""
+        as_stored = self._multiplied_as_stored()
         stacked = {}
-        for name in list(self.multiplier_weights) + [w for w in self.program.weights if w not in same_values]:
+        for name in list(self.multiplier_weights) + [w for w in self.program.weights if w not in as_stored]:
             value = stacked[name] = mesh.stack_weight(self.env[name], self.lead)
             if mesh._is_replicated(value):
                 continue
             self.env[name] = mesh.chip_views(value, self.lead)
             if name in self.multiplier_weights:
                 self.multiplier_weights[name] = self.env[name]
-        for name, key in same_values.items():
-            self.env[name] = [p.values for p in self.env[key]]
         return stacked
 
     def _load_weights(self, weights_dir: Path | None, weights: dict | None) -> None:
@@ -166,10 +183,10 @@ class EmulatorBackend:
                 by_id = {}
                 for p in pieces:
                     if id(p) not in by_id:
-                        # Matmul operands [N, K]; norm weights, rope tables, biases, embeddings
-                        # widened to the float32 ops read them in (exactly, once).
+                        # Matmul operands [N, K]; lookup tables as stored; norm weights, rope
+                        # tables, biases widened to the float32 ops read them in (exactly, once).
                         by_id[id(p)] = (matmul_operand(p, self.linear_weights[name]) if name in self.linear_weights
-                                        else p.float())
+                                        else p if name in self.lookup_tables else p.float())
                 self.env[name] = [by_id[id(p)] for p in pieces]
 
     def another_replica(self) -> "EmulatorBackend":
@@ -345,7 +362,7 @@ class EmulatorBackend:
             return held.chip(divmod(local, self.lead[1]))
         if isinstance(held, torch.Tensor):  # a mesh value (mesh_batched)
             return mesh.chip_views(held, self.lead)[local]
-        return held[chip].dense() if isinstance(held[chip], PagePool) else held[chip]
+        return held[chip].dense() if isinstance(held[chip], (PagePool, PreparedWeight)) else held[chip]
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of weights this process holds (matmul operands included), split into

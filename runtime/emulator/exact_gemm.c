@@ -1,5 +1,6 @@
 /* The emulator's matmul for rows of activations against stored weights: out[b] = x[b] @ w[b]^T
-   in float64, x float64, w bfloat16 (uint16 bit patterns) or float32, read as stored.
+   in float64, x float64, w read as stored: float32, bfloat16 (uint16 bit patterns), or
+   block mantissas (int8, below).
 
    Every operand value the emulator multiplies has at most 11 significant bits, so each
    product is exact in float64 and so is a dot product's sum (runtime/emulator/fidelity.py):
@@ -14,6 +15,23 @@
 #include <immintrin.h>
 #endif
 
+enum { W_F32 = 0, W_BF16 = 1, W_BLOCKS = 2 };  /* how a weight is held (w_kind) */
+
+/* W_BLOCKS: a [n, k] weight whose values are, in every group of 16 rows (n) at one
+   column (k), small integers times one power of two (block floats, and the parts of them
+   fidelity.py takes): n rows of int8 mantissas, then ceil(n / 16) rows of one byte per
+   group and column, the biased exponent: w[j][kk] = mantissa * 2^(byte - BLOCK_BIAS).
+   1 byte a weight plus 1/16 for its exponent, against 2 for bfloat16. */
+#define BLOCK_ROWS 16
+#define BLOCK_BIAS 133
+
+static inline double pow2(int e) {  /* 2^e, exactly, for -1022 <= e <= 1023 */
+    uint64_t bits = (uint64_t)(e + 1023) << 52;
+    double d;
+    memcpy(&d, &bits, 8);
+    return d;
+}
+
 static inline double bf16_value(uint16_t bits) {
     uint32_t wide = (uint32_t)bits << 16;
     float f;
@@ -21,15 +39,22 @@ static inline double bf16_value(uint16_t bits) {
     return (double)f;
 }
 
-#define W_VALUE(w, is_bf16, i) ((is_bf16) ? bf16_value(((const uint16_t *)(w))[i]) : (double)((const float *)(w))[i])
+/* w[j][kk] of an [n, k] weight held as `kind`. */
+static inline double w_value(const void *w, int kind, int64_t n, int64_t k, int64_t j, int64_t kk) {
+    if (kind == W_BF16) return bf16_value(((const uint16_t *)w)[j * k + kk]);
+    if (kind == W_F32) return (double)((const float *)w)[j * k + kk];
+    const int8_t *mantissas = (const int8_t *)w;
+    const uint8_t *exponents = (const uint8_t *)w + n * k;
+    return (double)mantissas[j * k + kk] * pow2((int)exponents[(j / BLOCK_ROWS) * k + kk] - BLOCK_BIAS);
+}
 
 /* Plain C: out[i, j] for rows i of x and rows j of w (tails, and CPUs without AVX2). */
-static void dot_rows(const double *x, int64_t m0, int64_t m1, const void *w, int is_bf16, int64_t n0, int64_t n1,
-                     int64_t k, double *out, int64_t ldo) {
+static void dot_rows(const double *x, int64_t m0, int64_t m1, const void *w, int kind, int64_t n, int64_t n0,
+                     int64_t n1, int64_t k, double *out, int64_t ldo) {
     for (int64_t i = m0; i < m1; i++)
         for (int64_t j = n0; j < n1; j++) {
             double a = 0.0;
-            for (int64_t kk = 0; kk < k; kk++) a += x[i * k + kk] * W_VALUE(w, is_bf16, j * k + kk);
+            for (int64_t kk = 0; kk < k; kk++) a += x[i * k + kk] * w_value(w, kind, n, k, j, kk);
             out[i * ldo + j] = a;
         }
 }
@@ -41,10 +66,19 @@ static inline double hsum(__m256d v) {
     return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
 }
 
-/* 8 weights as two float64 vectors. */
-static inline void load8(const void *w, int is_bf16, int64_t i, __m256d *lo, __m256d *hi) {
+/* 8 weights as two float64 vectors (block mantissas: without their exponent). */
+static inline void load8(const void *w, int kind, int64_t i, __m256d *lo, __m256d *hi) {
+    if (kind == W_BLOCKS) {
+        const int8_t *p = (const int8_t *)w + i;
+        int32_t a, b;
+        memcpy(&a, p, 4);
+        memcpy(&b, p + 4, 4);
+        *lo = _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(a)));
+        *hi = _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(b)));
+        return;
+    }
     __m256 f;
-    if (is_bf16) {
+    if (kind == W_BF16) {
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
         f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     } else {
@@ -54,23 +88,31 @@ static inline void load8(const void *w, int is_bf16, int64_t i, __m256d *lo, __m
     *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
 }
 
-/* One row of x against rows n0..n0+3 of w: the decode shape, bound by widening w. */
-static void row_by_4(const double *x, const void *w, int is_bf16, int64_t k_len, double *out, int64_t n0) {
+/* One row of x against rows n0..n0+3 of w: the decode shape, bound by reading and widening
+   w. Block mantissas take x already scaled by their group's exponents (the four rows lie in
+   one group of 16). */
+static void row_by_4(const double *x, const void *w, int kind, int64_t k_len, double *out, int64_t n0) {
     __m256d a[4][2];
     for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm256_setzero_pd();
+    /* Ask for the rows two calls ahead now: rows are short streams the prefetcher starts late. */
+    int64_t item = kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1;
+    const char *next = (const char *)w + (n0 + 8) * k_len * item;
+    for (int64_t byte = 0; byte < 4 * k_len * item; byte += 64) _mm_prefetch(next + byte, _MM_HINT_T0);
     int64_t k = 0;
     for (; k + 8 <= k_len; k += 8) {
         __m256d x0 = _mm256_loadu_pd(x + k), x1 = _mm256_loadu_pd(x + k + 4);
         for (int j = 0; j < 4; j++) {
             __m256d lo, hi;
-            load8(w, is_bf16, (n0 + j) * k_len + k, &lo, &hi);
+            load8(w, kind, (n0 + j) * k_len + k, &lo, &hi);
             a[j][0] = _mm256_fmadd_pd(x0, lo, a[j][0]);
             a[j][1] = _mm256_fmadd_pd(x1, hi, a[j][1]);
         }
     }
     for (int j = 0; j < 4; j++) {
         double s = hsum(_mm256_add_pd(a[j][0], a[j][1]));
-        for (int64_t kk = k; kk < k_len; kk++) s += x[kk] * W_VALUE(w, is_bf16, (n0 + j) * k_len + kk);
+        for (int64_t kk = k; kk < k_len; kk++)
+            s += x[kk] * (kind == W_BLOCKS ? (double)((const int8_t *)w)[(n0 + j) * k_len + kk]
+                                           : w_value(w, kind, 0, k_len, n0 + j, kk));
         out[n0 + j] = s;
     }
 }
@@ -106,13 +148,13 @@ ROWS_BY_PANEL(rows1_by_panel, 1)
 static void (*const rows_by_panel[MR + 1])(const double *, int64_t, const double *, double *, int64_t, int) = {
     NULL, rows1_by_panel, rows2_by_panel, rows3_by_panel, rows4_by_panel, rows5_by_panel, rows6_by_panel};
 
-static void panel_gemm(int64_t m, int64_t n, int64_t k, const double *x, const void *w, int is_bf16,
+static void panel_gemm(int64_t m, int64_t n, int64_t k, const double *x, const void *w, int kind,
                        double *out, double *panel, int64_t p) {
     int64_t n0 = p * PANEL;
     int nr = n - n0 < PANEL ? (int)(n - n0) : PANEL;
     for (int64_t kk = 0; kk < k; kk++)
         for (int j = 0; j < PANEL; j++)
-            panel[kk * PANEL + j] = j < nr ? W_VALUE(w, is_bf16, (n0 + j) * k + kk) : 0.0;
+            panel[kk * PANEL + j] = j < nr ? w_value(w, kind, n, k, n0 + j, kk) : 0.0;
     for (int64_t m0 = 0; m0 < m; m0 += MR) {
         int mr = m - m0 < MR ? (int)(m - m0) : MR;
         rows_by_panel[mr](x + m0 * k, k, panel, out + m0 * n + n0, n, nr);
@@ -122,23 +164,53 @@ static void panel_gemm(int64_t m, int64_t n, int64_t k, const double *x, const v
 #define SIMD 0
 #endif
 
+#if SIMD
+/* One activation row against one group of 16 rows of block mantissas: x scaled by the
+   group's exponents once (exact: powers of two), then plain mantissa dot products. */
+static void row_by_group(const double *x, const void *w, int64_t n, int64_t k, double *out, int64_t g,
+                         double *scaled) {
+    const uint8_t *exponents = (const uint8_t *)w + n * k + g * k;
+    for (int64_t kk = 0; kk < k; kk++) scaled[kk] = x[kk] * pow2((int)exponents[kk] - BLOCK_BIAS);
+    int64_t n0 = g * BLOCK_ROWS, n1 = n0 + BLOCK_ROWS < n ? n0 + BLOCK_ROWS : n, j = n0;
+    for (; j + 4 <= n1; j += 4) row_by_4(scaled, w, W_BLOCKS, k, out, j);
+    for (; j < n1; j++) {
+        double a = 0.0;
+        for (int64_t kk = 0; kk < k; kk++) a += scaled[kk] * (double)((const int8_t *)w)[j * k + kk];
+        out[j] = a;
+    }
+}
+#endif
+
 /* out[b] = x[b] @ w[i]^T with i = w_index[b] (b itself when w_index is NULL). Batch
    entries are x_stride / w_stride / out_stride elements apart (0: shared). threads:
    OpenMP threads to use (the process's torch thread count). */
 void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
                 const double *x, int64_t x_stride, const void *w, int64_t w_stride, const int64_t *w_index,
-                int is_bf16, double *out, int64_t out_stride, int threads) {
-    int64_t w_item = is_bf16 ? 2 : 4;
+                int w_kind, double *out, int64_t out_stride, int threads) {
+    int64_t w_item = w_kind == W_F32 ? 4 : w_kind == W_BF16 ? 2 : 1;
 #define W_AT(b) ((const char *)w + (w_index ? w_index[b] : (b)) * w_stride * w_item)
 #if SIMD
+    if (m == 1 && w_kind == W_BLOCKS) {  /* decode over block mantissas: a group at a time */
+        int64_t groups = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+        #pragma omp parallel num_threads(threads)
+        {
+            double *scaled = (double *)malloc(sizeof(double) * (k > 0 ? k : 1));
+            #pragma omp for collapse(2) schedule(static)
+            for (int64_t b = 0; b < batch; b++)
+                for (int64_t g = 0; g < groups; g++)
+                    row_by_group(x + b * x_stride, W_AT(b), n, k, out + b * out_stride, g, scaled);
+            free(scaled);
+        }
+        return;
+    }
     if (m == 1) {  /* decode: each weight read once, widened in registers */
         int64_t quads = n / 4;
         #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t q = 0; q < quads; q++)
-                row_by_4(x + b * x_stride, W_AT(b), is_bf16, k, out + b * out_stride, q * 4);
+                row_by_4(x + b * x_stride, W_AT(b), w_kind, k, out + b * out_stride, q * 4);
         for (int64_t b = 0; b < batch; b++)
-            dot_rows(x + b * x_stride, 0, 1, W_AT(b), is_bf16, quads * 4, n, k, out + b * out_stride, n);
+            dot_rows(x + b * x_stride, 0, 1, W_AT(b), w_kind, n, quads * 4, n, k, out + b * out_stride, n);
         return;
     }
     int64_t panels = (n + PANEL - 1) / PANEL;
@@ -148,13 +220,13 @@ void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
         #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t p = 0; p < panels; p++)
-                panel_gemm(m, n, k, x + b * x_stride, W_AT(b), is_bf16, out + b * out_stride, panel, p);
+                panel_gemm(m, n, k, x + b * x_stride, W_AT(b), w_kind, out + b * out_stride, panel, p);
         free(panel);
     }
 #else
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < batch; b++)
-        dot_rows(x + b * x_stride, 0, m, W_AT(b), is_bf16, 0, n, k, out + b * out_stride, n);
+        dot_rows(x + b * x_stride, 0, m, W_AT(b), w_kind, n, 0, n, k, out + b * out_stride, n);
 #endif
 }
 
@@ -183,7 +255,7 @@ static uint16_t bf16_away(float f) {  /* fidelity.to_bfloat16: ties away, denorm
 
 void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
                   const float *x, int64_t x_stride, int x_batches, uint32_t src_mask, uint32_t high_mask, int parts,
-                  const void *w, int64_t w_stride, const int64_t *w_index, int is_bf16,
+                  const void *w, int64_t w_stride, const int64_t *w_index, int w_kind,
                   const double *bias, int out_mode, void *out, int threads) {
     int64_t width = parts == PARTS_HIGH_LOW ? 2 * k : k, rows = (int64_t)x_batches * m;
     double *xd = (double *)malloc(sizeof(double) * (rows * width > 0 ? rows * width : 1));
@@ -204,7 +276,7 @@ void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
                 if (parts == PARTS_HIGH_LOW) dst[k + j] = v - high;
             }
         }
-    exact_gemm(batch, m, n, width, xd, x_batches > 1 ? m * width : 0, w, w_stride, w_index, is_bf16, acc, m * n, threads);
+    exact_gemm(batch, m, n, width, xd, x_batches > 1 ? m * width : 0, w, w_stride, w_index, w_kind, acc, m * n, threads);
     int64_t total = batch * m * n;
     for (int64_t e = 0; e < total; e++) {
         double a = acc[e];

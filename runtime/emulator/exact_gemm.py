@@ -33,7 +33,11 @@ import torch
 
 SOURCE = Path(__file__).with_name("exact_gemm.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
-STORED = (torch.bfloat16, torch.float32)  # weight dtypes the kernel reads
+# How the kernel reads a weight, by the dtype it is held in (exact_gemm.c's w_kind);
+# int8 is block mantissas with their exponents (pack_blocks).
+W_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+STORED = (torch.bfloat16, torch.float32)  # plain float dtypes, narrowest first
+BLOCK_ROWS = 16
 
 _state: dict = {"lib": None, "tried": False, "enabled": True, "why": ""}
 
@@ -125,13 +129,83 @@ def torch_only():
 
 
 def stored(values: torch.Tensor) -> torch.Tensor:
-    """`values` (exact operand values, any float dtype) in the narrowest dtype that holds
-    them exactly: bfloat16, else float32, else float64."""
+    """`values` [..., N, K] (exact operand values, any float dtype) in the narrowest form
+    that holds them exactly: block mantissas (pack_blocks; only where the kernel runs, as
+    torch's GEMM would widen them every call), else bfloat16, float32, float64."""
+    if _library() is not None:
+        packed = pack_blocks(values)
+        if packed is not None:
+            return packed
     for dtype in STORED:
         narrow = values.to(dtype)
         if torch.equal(narrow.to(values.dtype), values):
             return narrow
     return values.to(torch.float64)
+
+
+def pack_blocks(values: torch.Tensor) -> torch.Tensor | None:
+    """An [..., N, K] operand whose values are, in each group of 16 rows at one column, a
+    small integer times a shared power of two (block-float weights and the fidelity parts
+    of them: ttnn groups 16 output features per input index), as exact_gemm.c reads it:
+    int8 [..., N + ceil(N / 16), K], the N rows of mantissas in [-127, 127] then a row of
+    exponent bytes per group, w = mantissa * 2^(byte - 133) (bfloat8_b's own encoding:
+    the byte is the group's largest float32 exponent field). None when some value does
+    not fit: it is checked, not assumed."""
+    if values.dim() < 2 or not values.is_floating_point() or values.numel() == 0:
+        return None
+    single = values.to(torch.float32)
+    if values.dtype == torch.float64 and not torch.equal(single.to(torch.float64), values):
+        return None
+    n, k = values.shape[-2:]
+    groups = -(-n // BLOCK_ROWS)
+    flat = torch.nn.functional.pad(single.reshape(-1, n, k), (0, 0, 0, groups * BLOCK_ROWS - n))
+    flat = flat.reshape(-1, BLOCK_ROWS, k)  # [entries x groups, 16, K]
+    mantissas = torch.empty(flat.shape, dtype=torch.int8)
+    exponents = torch.empty(flat.shape[0], k, dtype=torch.uint8)
+    step = max(1, (1 << 22) // (BLOCK_ROWS * k))  # groups per chunk: bounded temporaries
+    for first in range(0, flat.shape[0], step):
+        bits = flat[first:first + step].contiguous().view(torch.int32)
+        field = (bits >> 23) & 0xFF
+        if bool((field == 0xFF).any()):
+            return None  # inf / NaN
+        significand = torch.where(field > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF)
+        largest = field.amax(dim=1, keepdim=True)
+        shift = (largest - field.clamp(min=1) + 17).clamp(max=31)  # denormals: field 1's scale
+        m = significand >> shift
+        if not torch.equal(m << shift, significand) or bool((m > 127).any()):
+            return None
+        mantissas[first:first + step] = torch.where(bits < 0, -m, m).to(torch.int8)
+        exponents[first:first + step] = largest[:, 0].to(torch.uint8)
+    lead = values.shape[:-2]
+    mantissas = mantissas.reshape(*lead, groups * BLOCK_ROWS, k)[..., :n, :]
+    return torch.cat([mantissas, exponents.view(torch.int8).reshape(*lead, groups, k)], dim=-2)
+
+
+def block_features(w: torch.Tensor) -> int:
+    """N, the output features of an operand: its rows, or for pack_blocks' layout the N
+    with N + ceil(N / 16) rows."""
+    rows = w.shape[-2]
+    if w.dtype != torch.int8:
+        return rows
+    whole, rest = divmod(rows, BLOCK_ROWS + 1)
+    return whole * BLOCK_ROWS + max(rest - 1, 0)
+
+
+def same_form(operands: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Operands (pieces of one weight, to be stacked) in one form: the widest any of them
+    is held in (some chips' pieces may pack into blocks where others do not)."""
+    order = [torch.int8, *STORED, torch.float64]
+    widest = max((t.dtype for t in operands), key=order.index)
+    return [t if t.dtype == widest else (unpack_blocks(t) if t.dtype == torch.int8 else t).to(widest)
+            for t in operands]
+
+
+def unpack_blocks(w: torch.Tensor) -> torch.Tensor:
+    """pack_blocks' layout back to float32 values (for torch's path and for tests)."""
+    n = block_features(w)
+    exponents = w[..., n:, :].view(torch.uint8).to(torch.int32) - 133
+    scale = torch.ldexp(torch.ones(exponents.shape, dtype=torch.float64), exponents).repeat_interleave(BLOCK_ROWS, dim=-2)
+    return (w[..., :n, :].to(torch.float64) * scale[..., :n, :]).to(torch.float32)
 
 
 def _batch_stride(t: torch.Tensor) -> int:
@@ -143,10 +217,11 @@ def matmul(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None = None
     with `w_index` [B] (int64), entry b multiplies by w[w_index[b]] (chips holding shared
     pieces). Exact products, exact sums."""
     batch = x.shape[0] if w_index is not None else max(x.shape[0], w.shape[0])
-    m, k, n = x.shape[1], x.shape[2], w.shape[1]
-    lib = _library() if w.dtype in STORED else None
+    m, k, n = x.shape[1], x.shape[2], block_features(w)
+    lib = _library() if w.dtype in W_KINDS else None
     if lib is None:
         w = w if w_index is None else w[w_index]
+        w = unpack_blocks(w) if w.dtype == torch.int8 else w
         return torch.matmul(x.to(torch.float64), w.to(torch.float64).transpose(-1, -2))
     x = x.to(torch.float64)
     if not (x[0].is_contiguous() and w[0].is_contiguous()):
@@ -158,7 +233,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None = None
         lib.exact_gemm(batch, m, n, k, x.data_ptr(), _batch_stride(x), w.data_ptr(),
                        w.stride(0) if w_index is not None else _batch_stride(w),
                        None if w_index is None else w_index.data_ptr(),
-                       int(w.dtype == torch.bfloat16), out.data_ptr(), out.stride(0), torch.get_num_threads())
+                       W_KINDS[w.dtype], out.data_ptr(), out.stride(0), torch.get_num_threads())
     return out
 
 
@@ -178,7 +253,7 @@ def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None
     `out_mode`. -> [B, M, N]; None where the kernel does not run (no compiler, a float64
     weight)."""
     m = x.shape[1]
-    lib = _library() if w.dtype in STORED else None
+    lib = _library() if w.dtype in W_KINDS else None
     if lib is None or parts not in PARTS:
         return None
     batch = len(w_index) if w_index is not None else w.shape[0]
@@ -189,11 +264,12 @@ def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None
     if bias is not None:
         bias = bias.reshape(-1).to(torch.float64).contiguous()
     code, dtype = OUT_MODES[out_mode]
-    out = torch.empty(batch, m, w.shape[1], dtype=dtype)
+    n = block_features(w)
+    out = torch.empty(batch, m, n, dtype=dtype)
     if out.numel():
-        lib.exact_linear(batch, m, w.shape[1], x.shape[2], x.data_ptr(), x.stride(0), x.shape[0], src_mask,
+        lib.exact_linear(batch, m, n, x.shape[2], x.data_ptr(), x.stride(0), x.shape[0], src_mask,
                          high_mask, PARTS[parts], w.data_ptr(), w.stride(0), None if w_index is None else w_index.data_ptr(),
-                         int(w.dtype == torch.bfloat16), None if bias is None else bias.data_ptr(), code,
+                         W_KINDS[w.dtype], None if bias is None else bias.data_ptr(), code,
                          out.data_ptr(), torch.get_num_threads())
     return out
 

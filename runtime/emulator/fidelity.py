@@ -124,9 +124,18 @@ class PreparedWeight:
     holds the values exactly (bfloat16 for bfloat16 and block-float weights); the matmul
     forms float64 products from them (exact_gemm.py)."""
 
-    values: torch.Tensor  # [N, K * len(parts)], bfloat16 / float32 / float64
+    values: torch.Tensor  # [N, K * len(parts)]: block mantissas (int8), bfloat16, float32, float64
     parts: tuple[str, ...]
     multiplier: Multiplier
+    as_stored: bool = False  # values are the stored weight's own (multiplied as stored)
+
+    def with_values(self, values: torch.Tensor) -> "PreparedWeight":
+        """This operand's description over other values (a chip's piece, a stack of them)."""
+        return PreparedWeight(values, self.parts, self.multiplier, self.as_stored)
+
+    def dense(self) -> torch.Tensor:
+        """The operand's values as a float tensor [..., N, K * len(parts)]."""
+        return exact_gemm.unpack_blocks(self.values) if self.values.dtype == torch.int8 else self.values
 
 
 def prepare_weight(w_nk: torch.Tensor, multiplier: Multiplier) -> PreparedWeight:
@@ -134,7 +143,7 @@ def prepare_weight(w_nk: torch.Tensor, multiplier: Multiplier) -> PreparedWeight
         x_high @ (sum of SrcA parts of P's phases 0/1) + x_low @ (... of phases 2/3),
     e.g. LoFi x_high @ w_high, HiFi2 x_high @ w, HiFi4 x @ w (w, x as held in Src)."""
     if multiplier.fidelity is None:
-        return PreparedWeight(_stored(w_nk, w_nk), ("src",), multiplier)
+        return PreparedWeight(_stored(w_nk, w_nk), ("src",), multiplier, as_stored=True)
     a_high, a_low = split(src_value(w_nk, "A", multiplier.fp32_dest), "A")
     by_b_part = {}
     for phase in multiplier.phases:
@@ -142,15 +151,16 @@ def prepare_weight(w_nk: torch.Tensor, multiplier: Multiplier) -> PreparedWeight
         key = "low" if phase & 2 else "high"
         by_b_part[key] = part if key not in by_b_part else by_b_part[key] + part
     if len(by_b_part) == 2 and torch.equal(by_b_part["high"], by_b_part["low"]):
-        return PreparedWeight(_stored(by_b_part["high"], w_nk), ("src",), multiplier)  # HiFi4
+        by_b_part = {"src": by_b_part["high"]}  # HiFi4
     parts = tuple(by_b_part)
     values = torch.cat([by_b_part[p] for p in parts], dim=-1)
-    return PreparedWeight(_stored(values, w_nk), parts, multiplier)
+    as_stored = values.shape == w_nk.shape and torch.equal(values, w_nk.to(values.dtype))
+    return PreparedWeight(_stored(values, w_nk), parts, multiplier, as_stored)
 
 
 def _stored(values: torch.Tensor, w_nk: torch.Tensor) -> torch.Tensor:
-    """Operand values at their narrowest exact width; the stored weight itself when equal
-    (so a weight multiplied as stored is held once)."""
+    """Operand values in their narrowest exact form (exact_gemm.stored); the stored weight
+    itself when that is its form and the values are its own (held once)."""
     values = exact_gemm.stored(values)
     if values.dtype == w_nk.dtype and values.shape == w_nk.shape and torch.equal(values, w_nk):
         return w_nk

@@ -24,7 +24,7 @@ import torch
 
 from lowering.program import resolve_scalar
 
-from . import fidelity
+from . import exact_gemm, fidelity
 from .fidelity import PreparedWeight
 from .pools import MeshPagePool
 from .shared_pieces import SharedPieces, share_equal_pieces
@@ -66,7 +66,7 @@ def _one(value):
     if isinstance(value, list):
         return [_one(v) for v in value]
     if isinstance(value, PreparedWeight):
-        return PreparedWeight(value.values[0, 0], value.parts, value.multiplier)
+        return value.with_values(value.values[0, 0])
     return value
 
 
@@ -77,9 +77,9 @@ def _pick(value, i: int, j: int):
     if isinstance(value, list):
         return [_pick(v, i, j) for v in value]
     if isinstance(value, SharedPieces):
-        return PreparedWeight(value.piece(i, j), value.parts, value.multiplier)
+        return value.with_values(value.piece(i, j))
     if isinstance(value, PreparedWeight):
-        return PreparedWeight(_pick(value.values, i, j), value.parts, value.multiplier)
+        return value.with_values(_pick(value.values, i, j))
     if isinstance(value, MeshPagePool):
         raise TypeError("a paged cache reached an op without a batched implementation")
     return value
@@ -265,7 +265,7 @@ def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_
     else:
         rows = a.expand(*lead, *a.shape[LEAD:]).reshape(lead[0] * lead[1], -1, k)
         out = fidelity.prepared_product(rows, pieces, weight, bias, dtype, chip_piece)
-    return out.reshape(*lead, *a.shape[LEAD:-1], pieces.shape[1])
+    return out.reshape(*lead, *a.shape[LEAD:-1], out.shape[-1])
 
 
 def _pieces(weight: PreparedWeight, act_lead) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -324,10 +324,10 @@ def stack_pieces(pieces: list, mesh_shape) -> torch.Tensor:
 def stack_weight(pieces: list, mesh_shape):
     """stack_pieces for tensors or fidelity.PreparedWeight pieces."""
     if isinstance(pieces[0], PreparedWeight):
-        first = pieces[0]
-        by_id = {id(p): p.values for p in pieces}
-        stacked = PreparedWeight(stack_pieces([by_id[id(p)] for p in pieces], mesh_shape), first.parts,
-                                 first.multiplier)
+        distinct = list({id(p): p for p in pieces}.values())
+        by_id = {id(p): v for p, v in zip(distinct, exact_gemm.same_form([p.values for p in distinct]))}
+        stacked = PreparedWeight(stack_pieces([by_id[id(p)] for p in pieces], mesh_shape), pieces[0].parts,
+                                 pieces[0].multiplier, all(p.as_stored for p in distinct))
         return share_equal_pieces(stacked)
     return stack_pieces(pieces, mesh_shape)
 

@@ -57,4 +57,5 @@ def share_equal_pieces(weight: PreparedWeight) -> PreparedWeight:
     if len(distinct) == len(keys):
         return weight
     pieces = flat[[rep for rep, _ in distinct]].clone()
-    return SharedPieces(pieces, weight.parts, weight.multiplier, torch.tensor(chip_piece), lead)
+    return SharedPieces(pieces, weight.parts, weight.multiplier, weight.as_stored, chip_piece=torch.tensor(chip_piece),
+                        lead=lead)
