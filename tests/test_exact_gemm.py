@@ -20,7 +20,7 @@ def _operand(shape, dtype, generator):
 def test_the_kernel_is_built_here():
     # The machines this project targets have a C compiler; without one the emulator
     # still works (torch's GEMM), but it should not silently lose the kernel here.
-    assert exact_gemm.available(), exact_gemm._state["why"]
+    assert exact_gemm.available(), exact_gemm.status()
 
 
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])

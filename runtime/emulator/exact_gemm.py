@@ -1,109 +1,46 @@
-"""Exact float64 matmuls over weights held at their stored width (bfloat16 or float32),
-and the emulator's block-float rounding, as one small C library (exact_gemm.c).
+"""Exact float64 matmuls over weights held in their narrowest exact form, and the
+emulator's block-float rounding, as one small C library (exact_gemm.c, built by native.py).
 
 The emulator's matmul operands have at most 11 significant bits (fidelity.py), so every
 product is exact in float64 and so is each dot product's sum: the result does not depend
 on the order of summation. torch's float64 GEMM needs both operands in float64, 8 bytes
-per weight read per decode step; the small C kernel beside this file (exact_gemm.c) reads
-each weight as stored (2 bytes for bfloat16) and widens it in registers, which is what a
-decode step is bound by. Same products, same exact sums, so the same bits as torch's path
-(tests/test_exact_gemm.py).
+per weight read per decode step; the kernel reads each weight as held and widens it in
+registers, which is what a decode step is bound by: block-float weights (bfloat8_b,
+bfloat4_b and the fidelity parts of them) as int8 mantissas with an exponent byte per
+group of 16 (pack_blocks: ~1 byte a weight), others as bfloat16 or float32. Same
+products, same exact sums, so the same bits as torch's path (tests/test_exact_gemm.py),
+which the emulator takes without a compiler: slower, the same results.
 
-The kernel is compiled with the system's C compiler at first use, into
-~/.cache/ttcompile/kernels/ keyed by its source, flags and the CPU (-march=native), and
-loaded with ctypes. Without a compiler the emulator takes torch's float64 GEMM: slower,
-the same results. One activation row (decode) streams the weights, widening them in
-registers; more rows (batches, prefill) widen a panel of 8 weight rows once and run a
-6 x 8 register-blocked micro-kernel over it, about as fast as torch's float64 GEMM on
-operands it would first have to widen.
+One activation row (decode) streams the weights, widening them in registers; more rows
+(batches, prefill) widen a panel of 8 weight rows once and run a 6 x 8 register-blocked
+micro-kernel over it, about as fast as torch's float64 GEMM on operands it would first
+have to widen.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("exact_gemm.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+from . import native
+
 # How the kernel reads a weight, by the dtype it is held in (exact_gemm.c's w_kind);
 # int8 is block mantissas with their exponents (pack_blocks).
 W_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 STORED = (torch.bfloat16, torch.float32)  # plain float dtypes, narrowest first
 BLOCK_ROWS = 16
 
-_state: dict = {"lib": None, "tried": False, "enabled": True, "why": ""}
-
-
-def _cpu_key() -> str:
-    """What -march=native depends on: the CPU model and flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return "|".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
-
-
-def _library_path() -> Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), platform.machine(), _cpu_key()])
-                          .encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "ttcompile" / "kernels" / f"exact_gemm-{key}.so"
-
-
-def _build(path: Path) -> None:
-    """Compile into a temporary file and rename it into place (concurrent test workers may
-    build at once; each rename is atomic and the results are the same file)."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+_I64, _PTR, _INT, _U32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
+SIGNATURES = {
+    "exact_gemm": [_I64] * 4 + [_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _I64, _INT],
+    "exact_linear": [_I64] * 4 + [_PTR, _I64, _INT, _U32, _U32, _INT, _PTR, _I64, _PTR, _INT, _PTR, _INT, _PTR, _INT],
+    "blockfloat_quantize": [_PTR, _I64, _I64, _INT, _INT, _PTR],
+}
+torch_only = native.torch_only  # run every matmul on torch's float64 GEMM (to compare the paths)
 
 
 def _library():
-    """The loaded kernel, or None (no compiler, or disabled): built once per process."""
-    if not _state["enabled"]:
-        return None
-    if not _state["tried"]:
-        _state["tried"] = True
-        path = _library_path()
-        try:
-            if not path.exists():
-                _build(path)
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            _state["why"] = str(exc)
-            return None
-        lib.exact_gemm.restype = None
-        lib.exact_gemm.argtypes = [ctypes.c_int64] * 4 + [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-        lib.exact_linear.restype = None
-        lib.exact_linear.argtypes = [ctypes.c_int64] * 4 + [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        lib.blockfloat_quantize.restype = None
-        lib.blockfloat_quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                                            ctypes.c_int, ctypes.c_void_p]
-        _state["lib"] = lib
-    return _state["lib"]
+    return native.library("exact_gemm", SIGNATURES)
 
 
 def available() -> bool:
@@ -113,19 +50,8 @@ def available() -> bool:
 def status() -> str:
     """One line on how the emulator's matmuls run here (for benchmarks and reports)."""
     if available():
-        return f"exact-sum kernel {_library_path().name}"
-    return f"torch float64 GEMM (kernel unavailable: {_state['why'] or 'disabled'})"
-
-
-@contextlib.contextmanager
-def torch_only():
-    """Run matmuls on torch's float64 GEMM (to compare the two paths)."""
-    before = _state["enabled"]
-    _state["enabled"] = False
-    try:
-        yield
-    finally:
-        _state["enabled"] = before
+        return f"exact-sum kernel {native.library_path('exact_gemm').name}"
+    return f"torch float64 GEMM (kernel unavailable: {native.why('exact_gemm') or 'disabled'})"
 
 
 def stored(values: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,17 @@ class _Folded:
         got = _expand(got, self.lead)
         return got.reshape(-1, *got.shape[LEAD + 1:])
 
+    def storage_blocks(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every held chip's storage as one [chips x S, Hkv, bs, hd], the slots [chips x
+        users, n] of the folded users' blocks in it): PagePool.storage_blocks for the mesh."""
+        storage = self.pool.storage
+        held, per_chip = storage.shape[:LEAD], storage.shape[LEAD]
+        rows = torch.arange(self.lead[0]) * (held[0] > 1)
+        cols = torch.arange(self.lead[1]) * (held[1] > 1)
+        chip = (rows[:, None] * held[1] + cols[None, :]).reshape(-1)  # the storage chip of each chip
+        slots = self.pool.slots.lookup(table)  # [users, n]
+        return storage.reshape(-1, *storage.shape[LEAD + 1:]), (chip[:, None, None] * per_chip + slots).flatten(0, 1)
+
 
 def _fold(q: torch.Tensor, lead, batch_dim: int) -> torch.Tensor:
     """q [*lead, *shape] -> one chip's shape whose dimension `batch_dim` holds the chips'

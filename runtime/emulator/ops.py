@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import blockfloat
-from . import exact_gemm, fidelity
+from . import decode_attention, exact_gemm, fidelity
 from .blockfloat_torch import quantize as quantize_blockfloat
 
 TILE = 32
@@ -202,15 +202,6 @@ def _attend(q, k, v, scale, mask=None, causal=False):
                                           is_causal=causal, scale=scale)
 
 
-def _window_mask(query_pos, key_pos, window):
-    """Additive mask: 0 where a query sees a key (causal; the `window` latest positions,
-    itself included, with a sliding window), -inf elsewhere."""
-    hidden = key_pos[None, :] > query_pos[:, None]
-    if window is not None:
-        hidden |= key_pos[None, :] <= query_pos[:, None] - window
-    return torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))
-
-
 @impl("ttnn.transformer.scaled_dot_product_attention")
 def sdpa(q, k, v, is_causal=True, scale=None, compute_kernel_config=None, program_config=None,
          memory_config=None, sliding_window_size=None, attn_mask=None):
@@ -219,20 +210,7 @@ def sdpa(q, k, v, is_causal=True, scale=None, compute_kernel_config=None, progra
     if sliding_window_size is None:
         return _attend(q, k, v, scale, causal=is_causal)
     pos = torch.arange(q.shape[2])
-    return _attend(q, k, v, scale, mask=_window_mask(pos, pos, sliding_window_size))
-
-
-def _decode_attend(q, k, v, positions, scale, window=None):
-    """q [1, B, H, hd] against k/v [B, Hkv, L, hd]; user b sees 0..positions[b] (the
-    `window` latest of them with a sliding window)."""
-    _, batch, n_heads, head_dim = q.shape
-    n_kv, length = k.shape[1], k.shape[2]
-    qg = q[0].float().reshape(batch, n_kv, n_heads // n_kv, head_dim)  # GQA groups
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
-    if int(positions.min()) + 1 < length or window is not None:  # hide each user's future (and past window)
-        scores = scores + _window_mask(positions.clamp(min=0), torch.arange(length), window)[:, None, None, :]
-    out = torch.matmul(scores.softmax(-1), v.float())  # [B, Hkv, G, hd]
-    return out.reshape(1, batch, n_heads, head_dim)
+    return _attend(q, k, v, scale, mask=decode_attention.window_mask(pos, pos, sliding_window_size))
 
 
 @impl("ttnn.transformer.scaled_dot_product_attention_decode")
@@ -241,11 +219,9 @@ def sdpa_decode(q, k_cache, v_cache, cur_pos_tensor=None, scale=None, compute_ke
                 is_causal=True):
     if not is_causal:  # every user against its whole cache row, with its mask [1, B, H, L]
         return _masked_decode(q, k_cache, v_cache, attn_mask, scale)
-    # Like flash-decode, read the cache only up to the furthest user's position.
-    batch, pos = q.shape[1], cur_pos_tensor.long()
-    length = int(pos.max()) + 1
-    return _decode_attend(q, k_cache[:batch, :, :length], v_cache[:batch, :, :length], pos, scale,
-                          sliding_window_size)
+    batch = q.shape[1]  # a dense cache [B, Hkv, L, hd]: one block of L positions per user
+    return decode_attention.attend(q, k_cache, v_cache, torch.arange(batch)[:, None], cur_pos_tensor.long(),
+                                   scale, sliding_window_size)
 
 
 @impl("ttnn.transformer.paged_scaled_dot_product_attention_decode")
@@ -254,9 +230,16 @@ def paged_sdpa_decode(q, k_cache, v_cache, page_table_tensor=None, cur_pos_tenso
                       sliding_window_size=None):
     pos = cur_pos_tensor.long()
     length = max(int(pos.max()) + 1, 1)
-    k = _gather_users(k_cache, page_table_tensor, length)
-    v = _gather_users(v_cache, page_table_tensor, length)
-    return _decode_attend(q, k, v, pos, scale, sliding_window_size)
+    table = page_table_tensor[:, : -(-length // k_cache.shape[2])].long()
+    k_blocks, slots = _blocks(k_cache, table)
+    v_blocks, _ = _blocks(v_cache, table)
+    return decode_attention.attend(q, k_blocks, v_blocks, slots, pos, scale, sliding_window_size)
+
+
+def _blocks(cache, table: torch.Tensor):
+    """(blocks [S, Hkv, bs, hd], slots [B, n]) of the blocks a page table names: a dense
+    pool's own, or a page pool's storage and the slots its blocks sit in."""
+    return (cache, table) if isinstance(cache, torch.Tensor) else cache.storage_blocks(table)
 
 
 def _additive(mask):
@@ -293,7 +276,7 @@ def chunked_sdpa(q, k_cache, v_cache, page_table_tensor, chunk_start_idx, scale=
     for first in range(0, rows, Q_BLOCK):  # flash-style: query blocks see keys up to their end
         last = min(first + Q_BLOCK, rows)
         end = chunk_start_idx + last
-        mask = _window_mask(torch.arange(chunk_start_idx + first, end), torch.arange(end), sliding_window_size)
+        mask = decode_attention.window_mask(torch.arange(chunk_start_idx + first, end), torch.arange(end), sliding_window_size)
         out.append(_attend(q[:, :, first:last], k[:, :, :end], v[:, :, :end], scale, mask=mask))
     return torch.cat(out, dim=2)
 

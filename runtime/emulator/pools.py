@@ -77,6 +77,11 @@ class PagePool:
         slots, self.storage = self.slots.claim(blocks, self.storage, 0)
         self.storage[(slots,) + rest] = value
 
+    def storage_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(storage [S, Hkv, bs, hd], the slots of `blocks` in it): reading through the
+        slots gives cache[blocks] without gathering it."""
+        return self.storage, self.slots.lookup(blocks)
+
     def dense(self) -> torch.Tensor:
         """The whole cache as a tensor (tests, debugging)."""
         return self.storage[self.slots.slot_of]
