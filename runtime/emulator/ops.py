@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import blockfloat
-from . import decode_attention, exact_gemm, fidelity
+from . import decode_attention, exact_gemm, fidelity, row_kernels
 from .blockfloat_torch import quantize as quantize_blockfloat
 
 TILE = 32
@@ -87,8 +87,7 @@ def to_memory_config(t, memory_config, dtype=None):
 
 @impl("ttnn.rms_norm")
 def rms_norm(x, epsilon=1e-12, weight=None, memory_config=None, compute_kernel_config=None):
-    xf = x.float()  # one fused float32 kernel: x * rsqrt(mean(x^2) + eps) * weight
-    return F.rms_norm(xf, (xf.shape[-1],), None if weight is None else weight.reshape(-1).float(), epsilon)
+    return row_kernels.rms_norm(x, weight, epsilon)  # one fused float32 kernel
 
 
 @impl("ttnn.linear")
@@ -140,9 +139,7 @@ def nlp_create_qkv_heads_decode(x, num_heads, num_kv_heads, memory_config=None):
 @impl("ttnn.experimental.rotary_embedding_llama")
 def rotary_embedding_llama(x, cos, sin, trans_mat, is_decode_mode=False, memory_config=None,
                            compute_kernel_config=None):
-    xf = x.float()
-    rotated = (xf.unflatten(-1, (-1, TILE)) @ trans_mat.reshape(TILE, TILE).float()).flatten(-2)
-    return torch.addcmul(xf * cos.float(), rotated, sin.float())
+    return row_kernels.rotary(x, cos, sin, trans_mat)
 
 
 @impl("ttnn.fill_cache")

@@ -1,5 +1,5 @@
-"""Decode attention over cache blocks (runtime/emulator/decode_attention.py): the C kernel
-against torch's float32 path, and the properties the emulator's bit-for-bit comparisons
+"""The emulator's C kernels beyond the matmul (decode_attention.py, row_kernels.py)
+against their torch paths, and the properties the emulator's bit-for-bit comparisons
 between its paths rely on (batch invariance, thread-count independence)."""
 import pytest
 import torch
@@ -55,3 +55,47 @@ def test_a_user_gets_the_same_bits_alone_in_a_batch_and_on_any_thread_count():
         assert torch.equal(decode_attention.attend(q, k, v, slots, positions, 0.1), batch)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 576), (1, 1, 70, 576), (2, 3, 5, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_kernel_agrees_with_torch(shape, dtype):
+    from runtime.emulator import row_kernels
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w = torch.randn(shape[-1], generator=g)
+    assert native.library("row_kernels", row_kernels.SIGNATURES) is not None, native.why("row_kernels")
+    got = row_kernels.rms_norm(x, w, 1e-5)
+    with native.torch_only():
+        want = row_kernels.rms_norm(x, w, 1e-5)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=2e-6)
+    torch.testing.assert_close(row_kernels.rms_norm(x, None, 1e-5), torch.nn.functional.rms_norm(x.float(), (shape[-1],), None, 1e-5),
+                               atol=1e-5, rtol=2e-6)
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_kernel_is_the_torch_path_bit_for_bit(decode, dtype):
+    """The rotation matrix as a signed permutation: the same products and sums as torch's
+    tile matmul (exact: one +-1 term per column) and addcmul."""
+    from models_ref.rope import transformation_matrix
+    from runtime.emulator import row_kernels
+
+    g = torch.Generator().manual_seed(int(decode))
+    x = torch.randn((1, 4, 9, 64) if decode else (1, 9, 40, 64), generator=g).to(torch.bfloat16)
+    rows = (1, 4, 1, 64) if decode else (1, 1, 40, 64)
+    cos, sin = torch.rand(rows, generator=g).to(dtype), torch.rand(rows, generator=g).to(dtype)
+    t = transformation_matrix().reshape(1, 1, 32, 32)
+    assert row_kernels.signed_permutation(t) is not None
+    got = row_kernels.rotary(x, cos, sin, t)
+    with native.torch_only():
+        want = row_kernels.rotary(x, cos, sin, t)
+    assert torch.equal(got, want)
+    scrambled = t.clone()
+    scrambled[0, 0, 0, 0] = 0.5  # not a signed permutation: torch's matmul path
+    assert row_kernels.signed_permutation(scrambled) is None
+    assert torch.equal(row_kernels.rotary(x, cos, sin, scrambled),
+                       torch.addcmul(x.float() * cos.float(), (x.float().unflatten(-1, (-1, 32)) @ scrambled[0, 0]).flatten(-2),
+                                     sin.float()))
