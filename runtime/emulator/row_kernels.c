@@ -36,20 +36,26 @@ void rms_norm_rows(int64_t rows, int64_t n, const void *x, int is_bf16, const fl
 /* Llama's rotary embedding as ttnn.experimental.rotary_embedding_llama computes it, with
    its 32 x 32 rotation matrix given as a signed permutation (rotated[j] = sign[j] *
    x[tile + source[j]] within each tile of 32): out = x * cos + rotated * sin with x * cos
-   rounded to float32 and the rest fused (one rounding), as torch's addcmul computes it. x [d0, d1, d2, n] contiguous (bfloat16 or
-   float32); cos and sin float32 or bfloat16, row (i, j, k) at i * s0 + j * s1 + k * s2. */
-void rotary_rows(int64_t d0, int64_t d1, int64_t d2, int64_t n, const void *x, int x_bf16,
-                 const void *cos, const void *sin, int cs_bf16, int64_t s0, int64_t s1, int64_t s2,
-                 const int64_t *source, const float *sign, float *out) {
-    for (int64_t i = 0; i < d0; i++)
-        for (int64_t j = 0; j < d1; j++)
-            for (int64_t k = 0; k < d2; k++) {
-                int64_t row = ((i * d1 + j) * d2 + k) * n, cs = i * s0 + j * s1 + k * s2;
-                for (int64_t e = 0; e < n; e++) {
-                    int64_t tile = e - e % 32;
-                    float a = value_at(x, x_bf16, row + e) * value_at(cos, cs_bf16, cs + e);
-                    float rotated = sign[e % 32] * value_at(x, x_bf16, row + tile + source[e % 32]);
-                    out[row + e] = fmaf(rotated, value_at(sin, cs_bf16, cs + e), a);  /* as torch's addcmul */
-                }
-            }
+   rounded to float32 and the rest fused (one rounding), as torch's addcmul computes it.
+   x [rows, n] contiguous (bfloat16 or float32), its rows indexed by `dims` leading
+   dimensions of sizes `shape`; cos and sin (float32 or bfloat16) broadcast to x: the row
+   of index (i0, i1, ...) starts at sum of i_d * strides[d]. */
+void rotary_rows(int dims, const int64_t *shape, const int64_t *strides, int64_t n, const void *x, int x_bf16,
+                 const void *cos, const void *sin, int cs_bf16, const int64_t *source, const float *sign,
+                 float *out) {
+    int64_t rows = 1;
+    for (int d = 0; d < dims; d++) rows *= shape[d];
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t cs = 0, rest = r;
+        for (int d = dims - 1; d >= 0; d--) {
+            cs += (rest % shape[d]) * strides[d];
+            rest /= shape[d];
+        }
+        for (int64_t e = 0; e < n; e++) {
+            int64_t tile = e - e % 32;
+            float a = value_at(x, x_bf16, r * n + e) * value_at(cos, cs_bf16, cs + e);
+            float rotated = sign[e % 32] * value_at(x, x_bf16, r * n + tile + source[e % 32]);
+            out[r * n + e] = fmaf(rotated, value_at(sin, cs_bf16, cs + e), a);  /* as torch's addcmul */
+        }
+    }
 }

@@ -12,7 +12,7 @@ from . import native
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {"rms_norm_rows": [_I64, _I64, _PTR, _INT, _PTR, ctypes.c_float, _PTR, _INT],
-              "rotary_rows": [_I64] * 4 + [_PTR, _INT, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR]}
+              "rotary_rows": [_INT, _PTR, _PTR, _I64, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _PTR, _PTR]}
 TILE = 32
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -36,14 +36,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out
 
 
-_permutations: dict[int, tuple] = {}  # data_ptr -> (the matrix, its permutation): held, so never reused
+_permutations: dict[tuple, tuple] = {}  # (address, shape, strides, dtype) -> (the matrix, its permutation)
 
 
 def signed_permutation(trans_mat: torch.Tensor):
     """(source [32] int64, sign [32] float32) when the 32 x 32 matrix moves each input to
     one output with a sign of 1 or -1 (x @ T: out[j] = sign[j] * x[source[j]]), else None."""
-    held = _permutations.get(trans_mat.data_ptr())
-    if held is not None and held[0] is trans_mat:
+    key = (trans_mat.data_ptr(), tuple(trans_mat.shape), trans_mat.stride(), trans_mat.dtype)
+    held = _permutations.get(key)
+    if held is not None:  # the held view pins the storage: no other tensor can take its address
         return held[1]
     t = trans_mat.reshape(TILE, TILE).float()
     nonzero = t != 0
@@ -53,7 +54,7 @@ def signed_permutation(trans_mat: torch.Tensor):
         sign = t[source, torch.arange(TILE)]
         if bool((sign.abs() == 1).all()):
             found = (source.to(torch.int64).contiguous(), sign.contiguous())
-    _permutations[trans_mat.data_ptr()] = (trans_mat, found)
+    _permutations[key] = (trans_mat, found)
     return found
 
 
@@ -63,15 +64,17 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, trans_mat: tor
     lib = native.library("row_kernels", SIGNATURES)
     moves = signed_permutation(trans_mat) if lib is not None else None
     cos, sin = cos.expand(x.shape), sin.expand(x.shape)
-    if (moves is None or x.dim() != 4 or x.dtype not in INPUT_DTYPES or cos.dtype not in INPUT_DTYPES
-            or cos.dtype != sin.dtype or cos.stride() != sin.stride() or cos.stride(3) != 1):
+    if (moves is None or x.dim() < 2 or x.dtype not in INPUT_DTYPES or cos.dtype not in INPUT_DTYPES
+            or cos.dtype != sin.dtype or cos.stride() != sin.stride() or cos.stride(-1) != 1):
         xf = x.float()
         rotated = (xf.unflatten(-1, (-1, TILE)) @ trans_mat.reshape(TILE, TILE).float()).flatten(-2)
         return torch.addcmul(xf * cos.float(), rotated, sin.float())
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
     source, sign = moves
-    lib.rotary_rows(*x.shape, x.data_ptr(), int(x.dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(),
-                    int(cos.dtype == torch.bfloat16), *cos.stride()[:3], source.data_ptr(), sign.data_ptr(),
-                    out.data_ptr())
+    shape = torch.tensor(x.shape[:-1], dtype=torch.int64)
+    strides = torch.tensor(cos.stride()[:-1], dtype=torch.int64)
+    lib.rotary_rows(x.dim() - 1, shape.data_ptr(), strides.data_ptr(), x.shape[-1], x.data_ptr(),
+                    int(x.dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(), int(cos.dtype == torch.bfloat16),
+                    source.data_ptr(), sign.data_ptr(), out.data_ptr())
     return out
