@@ -185,3 +185,26 @@ def test_block_float_operands_are_held_packed(fidelity, as_stored):
     plain = fidelity_mod.PreparedWeight(prepared.dense(), prepared.parts, multiplier)
     with exact_gemm.torch_only():
         assert torch.equal(got.view(torch.int16), fidelity_mod.linear(x, plain, None, "bfloat16").view(torch.int16))
+
+
+def test_zero_groups_and_zero_pieces_are_skipped_with_the_same_bits():
+    """Padding: rows of a piece that are all zero (a padded head), whole pieces of zeros
+    (flagged by zero_pieces); a group holding only denormals is not packed (its exponent
+    byte would read as 'all zeros')."""
+    g = torch.Generator().manual_seed(14)
+    pieces = torch.stack([_block_float_weight(40, 24, "bfloat8_b", g) for _ in range(3)])
+    pieces[0, 16:32] = 0  # a whole group of rows
+    pieces[2] = 0  # a whole piece
+    packed = exact_gemm.pack_blocks(pieces)
+    zero = exact_gemm.zero_pieces(packed)
+    assert zero.tolist() == [0, 0, 1]
+    x, index = _operand((5, 1, 24), torch.float32, g), torch.tensor([2, 0, 1, 2, 0])
+    want = torch.matmul(x.double(), pieces[index].double().transpose(-1, -2))
+    for m_rows in (x, x.expand(5, 3, 24).contiguous()):
+        want = torch.matmul(m_rows.double(), pieces[index].double().transpose(-1, -2))
+        got = exact_gemm.device_linear(m_rows, packed, index, 0, 0, ("src",), None, "float32", zero)
+        assert torch.equal(got, want.float()) and not torch.signbit(got[0]).any()
+    denormal = torch.zeros(16, 4)
+    denormal[3, 1] = 2.0 ** -130
+    assert exact_gemm.pack_blocks(denormal) is None
+    assert exact_gemm.zero_pieces(exact_gemm.pack_blocks(_block_float_weight(16, 8, "bfloat8_b", g))[None]) is None

@@ -20,7 +20,8 @@ enum { W_F32 = 0, W_BF16 = 1, W_BLOCKS = 2 };  /* how a weight is held (w_kind) 
 /* W_BLOCKS: a [n, k] weight whose values are, in every group of 16 rows (n) at one
    column (k), small integers times one power of two (block floats, and the parts of them
    fidelity.py takes): n rows of int8 mantissas, then ceil(n / 16) rows of one byte per
-   group and column, the biased exponent: w[j][kk] = mantissa * 2^(byte - BLOCK_BIAS).
+   group and column, the biased exponent: w[j][kk] = mantissa * 2^(byte - BLOCK_BIAS);
+   byte 0 only where the group's column is all zeros.
    1 byte a weight plus 1/16 for its exponent, against 2 for bfloat16. */
 #define BLOCK_ROWS 16
 #define BLOCK_BIAS 133
@@ -170,8 +171,16 @@ static void panel_gemm(int64_t m, int64_t n, int64_t k, const double *x, const v
 static void row_by_group(const double *x, const void *w, int64_t n, int64_t k, double *out, int64_t g,
                          double *scaled) {
     const uint8_t *exponents = (const uint8_t *)w + n * k + g * k;
-    for (int64_t kk = 0; kk < k; kk++) scaled[kk] = x[kk] * pow2((int)exponents[kk] - BLOCK_BIAS);
     int64_t n0 = g * BLOCK_ROWS, n1 = n0 + BLOCK_ROWS < n ? n0 + BLOCK_ROWS : n, j = n0;
+    unsigned any = 0;
+    for (int64_t kk = 0; kk < k; kk++) {
+        scaled[kk] = x[kk] * pow2((int)exponents[kk] - BLOCK_BIAS);
+        any |= exponents[kk];
+    }
+    if (!any) {  /* exponent bytes all 0: the group is all zeros (a mesh's padding heads) */
+        for (; j < n1; j++) out[j] = 0.0;
+        return;
+    }
     for (; j + 4 <= n1; j += 4) row_by_4(scaled, w, W_BLOCKS, k, out, j);
     for (; j < n1; j++) {
         double a = 0.0;
@@ -182,12 +191,19 @@ static void row_by_group(const double *x, const void *w, int64_t n, int64_t k, d
 #endif
 
 /* out[b] = x[b] @ w[i]^T with i = w_index[b] (b itself when w_index is NULL). Batch
-   entries are x_stride / w_stride / out_stride elements apart (0: shared). threads:
+   entries are x_stride / w_stride / out_stride elements apart (0: shared). zero (or
+   NULL): flags of the weights known to be all zeros (a mesh's padding pieces), whose
+   entries are written as +0 without reading them, as the sums would give. threads:
    OpenMP threads to use (the process's torch thread count). */
 void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
                 const double *x, int64_t x_stride, const void *w, int64_t w_stride, const int64_t *w_index,
-                int w_kind, double *out, int64_t out_stride, int threads) {
+                const uint8_t *zero, int w_kind, double *out, int64_t out_stride, int threads) {
     int64_t w_item = w_kind == W_F32 ? 4 : w_kind == W_BF16 ? 2 : 1;
+    int64_t *live = (int64_t *)malloc(sizeof(int64_t) * (batch > 0 ? batch : 1)), count = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        if (zero && zero[w_index ? w_index[b] : b]) memset(out + b * out_stride, 0, sizeof(double) * m * n);
+        else live[count++] = b;
+    }
 #define W_AT(b) ((const char *)w + (w_index ? w_index[b] : (b)) * w_stride * w_item)
 #if SIMD
     if (m == 1 && w_kind == W_BLOCKS) {  /* decode over block mantissas: a group at a time */
@@ -196,38 +212,47 @@ void exact_gemm(int64_t batch, int64_t m, int64_t n, int64_t k,
         {
             double *scaled = (double *)malloc(sizeof(double) * (k > 0 ? k : 1));
             #pragma omp for collapse(2) schedule(static)
-            for (int64_t b = 0; b < batch; b++)
-                for (int64_t g = 0; g < groups; g++)
+            for (int64_t i = 0; i < count; i++)
+                for (int64_t g = 0; g < groups; g++) {
+                    int64_t b = live[i];
                     row_by_group(x + b * x_stride, W_AT(b), n, k, out + b * out_stride, g, scaled);
+                }
             free(scaled);
         }
-        return;
-    }
-    if (m == 1) {  /* decode: each weight read once, widened in registers */
+    } else if (m == 1) {  /* decode: each weight read once, widened in registers */
         int64_t quads = n / 4;
         #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t q = 0; q < quads; q++)
+        for (int64_t i = 0; i < count; i++)
+            for (int64_t q = 0; q < quads; q++) {
+                int64_t b = live[i];
                 row_by_4(x + b * x_stride, W_AT(b), w_kind, k, out + b * out_stride, q * 4);
-        for (int64_t b = 0; b < batch; b++)
+            }
+        for (int64_t i = 0; i < count; i++) {
+            int64_t b = live[i];
             dot_rows(x + b * x_stride, 0, 1, W_AT(b), w_kind, n, quads * 4, n, k, out + b * out_stride, n);
-        return;
-    }
-    int64_t panels = (n + PANEL - 1) / PANEL;
-    #pragma omp parallel num_threads(threads)
-    {
-        double *panel = (double *)malloc(sizeof(double) * PANEL * (k > 0 ? k : 1));
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t p = 0; p < panels; p++)
-                panel_gemm(m, n, k, x + b * x_stride, W_AT(b), w_kind, out + b * out_stride, panel, p);
-        free(panel);
+        }
+    } else {
+        int64_t panels = (n + PANEL - 1) / PANEL;
+        #pragma omp parallel num_threads(threads)
+        {
+            double *panel = (double *)malloc(sizeof(double) * PANEL * (k > 0 ? k : 1));
+            #pragma omp for collapse(2) schedule(static)
+            for (int64_t i = 0; i < count; i++)
+                for (int64_t p = 0; p < panels; p++) {
+                    int64_t b = live[i];
+                    panel_gemm(m, n, k, x + b * x_stride, W_AT(b), w_kind, out + b * out_stride, panel, p);
+                }
+            free(panel);
+        }
     }
 #else
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < batch; b++)
+    for (int64_t i = 0; i < count; i++) {
+        int64_t b = live[i];
         dot_rows(x + b * x_stride, 0, m, W_AT(b), w_kind, n, 0, n, k, out + b * out_stride, n);
+    }
 #endif
+    free(live);
 }
 
 /* ------------------------------------------------------------------ a whole device linear
@@ -255,7 +280,7 @@ static uint16_t bf16_away(float f) {  /* fidelity.to_bfloat16: ties away, denorm
 
 void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
                   const float *x, int64_t x_stride, int x_batches, uint32_t src_mask, uint32_t high_mask, int parts,
-                  const void *w, int64_t w_stride, const int64_t *w_index, int w_kind,
+                  const void *w, int64_t w_stride, const int64_t *w_index, const uint8_t *zero, int w_kind,
                   const double *bias, int out_mode, void *out, int threads) {
     int64_t width = parts == PARTS_HIGH_LOW ? 2 * k : k, rows = (int64_t)x_batches * m;
     double *xd = (double *)malloc(sizeof(double) * (rows * width > 0 ? rows * width : 1));
@@ -276,7 +301,7 @@ void exact_linear(int64_t batch, int64_t m, int64_t n, int64_t k,
                 if (parts == PARTS_HIGH_LOW) dst[k + j] = v - high;
             }
         }
-    exact_gemm(batch, m, n, width, xd, x_batches > 1 ? m * width : 0, w, w_stride, w_index, w_kind, acc, m * n, threads);
+    exact_gemm(batch, m, n, width, xd, x_batches > 1 ? m * width : 0, w, w_stride, w_index, zero, w_kind, acc, m * n, threads);
     int64_t total = batch * m * n;
     for (int64_t e = 0; e < total; e++) {
         double a = acc[e];

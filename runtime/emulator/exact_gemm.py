@@ -32,8 +32,9 @@ BLOCK_ROWS = 16
 
 _I64, _PTR, _INT, _U32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
 SIGNATURES = {
-    "exact_gemm": [_I64] * 4 + [_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _I64, _INT],
-    "exact_linear": [_I64] * 4 + [_PTR, _I64, _INT, _U32, _U32, _INT, _PTR, _I64, _PTR, _INT, _PTR, _INT, _PTR, _INT],
+    "exact_gemm": [_I64] * 4 + [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _INT, _PTR, _I64, _INT],
+    "exact_linear": [_I64] * 4 + [_PTR, _I64, _INT, _U32, _U32, _INT, _PTR, _I64, _PTR, _PTR, _INT, _PTR, _INT, _PTR,
+                                  _INT],
     "blockfloat_quantize": [_PTR, _I64, _I64, _INT, _INT, _PTR],
 }
 torch_only = native.torch_only  # run every matmul on torch's float64 GEMM (to compare the paths)
@@ -75,8 +76,8 @@ def pack_blocks(values: torch.Tensor) -> torch.Tensor | None:
     of them: ttnn groups 16 output features per input index), as exact_gemm.c reads it:
     int8 [..., N + ceil(N / 16), K], the N rows of mantissas in [-127, 127] then a row of
     exponent bytes per group, w = mantissa * 2^(byte - 133) (bfloat8_b's own encoding:
-    the byte is the group's largest float32 exponent field). None when some value does
-    not fit: it is checked, not assumed."""
+    the byte is the group's largest float32 exponent field, 0 only for zeros). None when
+    some value does not fit: it is checked, not assumed."""
     if values.dim() < 2 or not values.is_floating_point() or values.numel() == 0:
         return None
     single = values.to(torch.float32)
@@ -100,11 +101,21 @@ def pack_blocks(values: torch.Tensor) -> torch.Tensor | None:
         m = significand >> shift
         if not torch.equal(m << shift, significand) or bool((m > 127).any()):
             return None
+        if bool(((largest == 0) & (significand != 0)).any()):
+            return None  # denormals alone in a group: byte 0 must mean all zeros (exact_gemm.c)
         mantissas[first:first + step] = torch.where(bits < 0, -m, m).to(torch.int8)
         exponents[first:first + step] = largest[:, 0].to(torch.uint8)
     lead = values.shape[:-2]
     mantissas = mantissas.reshape(*lead, groups * BLOCK_ROWS, k)[..., :n, :]
     return torch.cat([mantissas, exponents.view(torch.int8).reshape(*lead, groups, k)], dim=-2)
+
+
+def zero_pieces(w: torch.Tensor) -> torch.Tensor | None:
+    """uint8 [U] flags of the all-zero entries of operands w [U, N, K] as held (device_linear
+    skips them), or None when none is."""
+    values = w[:, : block_features(w)] if w.dtype == torch.int8 else w  # mantissas alone
+    flags = (values == 0).flatten(1).all(1)
+    return flags.to(torch.uint8) if bool(flags.any()) else None
 
 
 def block_features(w: torch.Tensor) -> int:
@@ -158,7 +169,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None = None
     if out.numel():
         lib.exact_gemm(batch, m, n, k, x.data_ptr(), _batch_stride(x), w.data_ptr(),
                        w.stride(0) if w_index is not None else _batch_stride(w),
-                       None if w_index is None else w_index.data_ptr(),
+                       None if w_index is None else w_index.data_ptr(), None,
                        W_KINDS[w.dtype], out.data_ptr(), out.stride(0), torch.get_num_threads())
     return out
 
@@ -171,13 +182,14 @@ OUT_MODES = {"float32": (0, torch.float32), "bf16_even": (1, torch.bfloat16), "b
 
 def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None, src_mask: int,
                   high_mask: int, parts: tuple[str, ...], bias: torch.Tensor | None,
-                  out_mode: str) -> torch.Tensor | None:
+                  out_mode: str, zero: torch.Tensor | None = None) -> torch.Tensor | None:
     """fidelity.py's whole linear in one kernel call: x [Bx, M, K] (Bx 1: every entry's),
     w [U, N, K * len(parts)], entry b against w[w_index[b]] (w[b] without an index); the
     activation keeps the float32 bits of `src_mask` (0: as it is) and splits into `parts`
     at `high_mask`; float64 sums plus `bias` [N], rounded to a float32 Dst and written as
-    `out_mode`. -> [B, M, N]; None where the kernel does not run (no compiler, a float64
-    weight)."""
+    `out_mode`. zero (uint8 [U], zero_pieces): the entries of all-zero weights are +0
+    without a read. -> [B, M, N]; None where the kernel does not run (no compiler, a
+    float64 weight)."""
     m = x.shape[1]
     lib = _library() if w.dtype in W_KINDS else None
     if lib is None or parts not in PARTS:
@@ -195,7 +207,7 @@ def device_linear(x: torch.Tensor, w: torch.Tensor, w_index: torch.Tensor | None
     if out.numel():
         lib.exact_linear(batch, m, n, x.shape[2], x.data_ptr(), x.stride(0), x.shape[0], src_mask,
                          high_mask, PARTS[parts], w.data_ptr(), w.stride(0), None if w_index is None else w_index.data_ptr(),
-                         W_KINDS[w.dtype], None if bias is None else bias.data_ptr(), code,
+                         None if zero is None else zero.data_ptr(), W_KINDS[w.dtype], None if bias is None else bias.data_ptr(), code,
                          out.data_ptr(), torch.get_num_threads())
     return out
 

@@ -133,6 +133,13 @@ class PreparedWeight:
         """This operand's description over other values (a chip's piece, a stack of them)."""
         return PreparedWeight(values, self.parts, self.multiplier, self.as_stored)
 
+    def zero_pieces(self) -> torch.Tensor | None:
+        """exact_gemm.zero_pieces over values' leading entries flattened (a mesh stack's
+        chips: padding pieces are all zero), found once."""
+        if "_zero" not in self.__dict__:
+            self.__dict__["_zero"] = exact_gemm.zero_pieces(self.values.reshape(-1, *self.values.shape[-2:]))
+        return self.__dict__["_zero"]
+
     def dense(self) -> torch.Tensor:
         """The operand's values as a float tensor [..., N, K * len(parts)]."""
         return exact_gemm.unpack_blocks(self.values) if self.values.dtype == torch.int8 else self.values
@@ -225,17 +232,18 @@ def pack(dst: torch.Tensor, dtype: str | None, multiplier: Multiplier) -> torch.
 
 
 def prepared_product(x: torch.Tensor, pieces: torch.Tensor, weight: PreparedWeight, bias=None,
-                     dtype: str | None = None, w_index: torch.Tensor | None = None) -> torch.Tensor:
+                     dtype: str | None = None, w_index: torch.Tensor | None = None,
+                     zero: torch.Tensor | None = None) -> torch.Tensor:
     """A float32-Dst linear over a prepared weight's pieces: x [Bx, M, K] (Bx 1: shared by
     every entry), pieces [U, N, K'] held as `weight` describes, entry b against
     pieces[w_index[b]] (pieces[b] without an index) -> [B, M, N] as the packer writes
     `dtype`. Exact products summed in float64 with the bias, rounded once to the float32
-    Dst, then packed: in one kernel call where exact_gemm's kernel runs, else in torch
-    (the same bits)."""
+    Dst, then packed: in one kernel call where exact_gemm's kernel runs (skipping the
+    pieces `zero` flags as all zero), else in torch (the same bits)."""
     multiplier = weight.multiplier
     out_mode = "float32" if dtype != "bfloat16" else "bf16_away" if multiplier.fidelity else "bf16_even"
     src_mask = 0 if multiplier.fidelity is None else TF32_BITS["B"] if multiplier.fp32_dest else BF16_BITS
-    done = exact_gemm.device_linear(x, pieces, w_index, src_mask, HIGH_BITS["B"], weight.parts, bias, out_mode)
+    done = exact_gemm.device_linear(x, pieces, w_index, src_mask, HIGH_BITS["B"], weight.parts, bias, out_mode, zero)
     if done is not None:
         return done
     acc = exact_gemm.matmul(_activation(x, weight.parts, multiplier), pieces, w_index)

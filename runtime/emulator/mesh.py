@@ -259,12 +259,13 @@ def _linear(impl, a, weight, bias=None, dtype=None, memory_config=None, compute_
     bias = None if bias is None else bias[0, 0]
     pieces, chip_piece, lead = _pieces(weight, a.shape[:LEAD])
     k = a.shape[-1]
+    zero = weight.zero_pieces()  # padding pieces: no reads, +0 results
     if _is_replicated(a):
-        out = fidelity.prepared_product(a[0, 0].reshape(1, -1, k), pieces, weight, bias, dtype)
+        out = fidelity.prepared_product(a[0, 0].reshape(1, -1, k), pieces, weight, bias, dtype, zero=zero)
         out = out[chip_piece]
     else:
         rows = a.expand(*lead, *a.shape[LEAD:]).reshape(lead[0] * lead[1], -1, k)
-        out = fidelity.prepared_product(rows, pieces, weight, bias, dtype, chip_piece)
+        out = fidelity.prepared_product(rows, pieces, weight, bias, dtype, chip_piece, zero)
     return out.reshape(*lead, *a.shape[LEAD:-1], out.shape[-1])
 
 

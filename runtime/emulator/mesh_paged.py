@@ -64,12 +64,23 @@ class _Folded:
         """(every held chip's storage as one [chips x S, Hkv, bs, hd], the slots [chips x
         users, n] of the folded users' blocks in it): PagePool.storage_blocks for the mesh."""
         storage = self.pool.storage
-        held, per_chip = storage.shape[:LEAD], storage.shape[LEAD]
-        rows = torch.arange(self.lead[0]) * (held[0] > 1)
-        cols = torch.arange(self.lead[1]) * (held[1] > 1)
-        chip = (rows[:, None] * held[1] + cols[None, :]).reshape(-1)  # the storage chip of each chip
+        held, per_chip = tuple(storage.shape[:LEAD]), storage.shape[LEAD]
         slots = self.pool.slots.lookup(table)  # [users, n]
-        return storage.reshape(-1, *storage.shape[LEAD + 1:]), (chip[:, None, None] * per_chip + slots).flatten(0, 1)
+        first = _first_slots(held, tuple(self.lead)) * per_chip  # each chip's first slot in the flat storage
+        return storage.reshape(-1, *storage.shape[LEAD + 1:]), (first + slots).flatten(0, 1)
+
+
+_CHIPS: dict[tuple, torch.Tensor] = {}
+
+
+def _first_slots(held: tuple, lead: tuple) -> torch.Tensor:
+    """[chips, 1, 1]: the storage chip (row-major over `held`, size-1 axes shared) of each
+    chip of `lead`, found once per shape."""
+    if (held, lead) not in _CHIPS:
+        rows = torch.arange(lead[0]) * (held[0] > 1)
+        cols = torch.arange(lead[1]) * (held[1] > 1)
+        _CHIPS[held, lead] = (rows[:, None] * held[1] + cols[None, :]).reshape(-1, 1, 1)
+    return _CHIPS[held, lead]
 
 
 def _fold(q: torch.Tensor, lead, batch_dim: int) -> torch.Tensor:
