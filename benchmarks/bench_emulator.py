@@ -4,7 +4,8 @@
   bfloat16 (sdpa) on the same weights; batch-32 decode total tokens/s vs batch-1;
 - decode time per token and RSS of the N150, T3K and TG programs (each in its own process);
 - the memory-bandwidth roofline of N150 decode: bytes the emulator reads per token (its
-  matmul operands as held, float64 by default) / copy bandwidth measured in this run;
+  matmul operands as held: int8 block mantissas, bfloat16, float32) / copy bandwidth
+  measured in this run;
 - start-up: a weight-free `ttcompile` of Llama 3.1 70B for TG, as a separate process.
 
     .venv/bin/python benchmarks/bench_emulator.py [--steps 16] [--rounds 3] [--skip-batch32]

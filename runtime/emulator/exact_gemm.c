@@ -153,9 +153,19 @@ static void panel_gemm(int64_t m, int64_t n, int64_t k, const double *x, const v
                        double *out, double *panel, int64_t p) {
     int64_t n0 = p * PANEL;
     int nr = n - n0 < PANEL ? (int)(n - n0) : PANEL;
-    for (int64_t kk = 0; kk < k; kk++)
-        for (int j = 0; j < PANEL; j++)
-            panel[kk * PANEL + j] = j < nr ? w_value(w, kind, n, k, n0 + j, kk) : 0.0;
+    if (kind == W_BLOCKS) {  /* the panel's 8 rows lie in one group: one scale per column */
+        const int8_t *mantissas = (const int8_t *)w + n0 * k;
+        const uint8_t *exponents = (const uint8_t *)w + n * k + (n0 / BLOCK_ROWS) * k;
+        for (int64_t kk = 0; kk < k; kk++) {
+            double scale = pow2((int)exponents[kk] - BLOCK_BIAS);
+            for (int j = 0; j < PANEL; j++)
+                panel[kk * PANEL + j] = j < nr ? (double)mantissas[j * k + kk] * scale : 0.0;
+        }
+    } else {
+        for (int64_t kk = 0; kk < k; kk++)
+            for (int j = 0; j < PANEL; j++)
+                panel[kk * PANEL + j] = j < nr ? w_value(w, kind, n, k, n0 + j, kk) : 0.0;
+    }
     for (int64_t m0 = 0; m0 < m; m0 += MR) {
         int mr = m - m0 < MR ? (int)(m - m0) : MR;
         rows_by_panel[mr](x + m0 * k, k, panel, out + m0 * n + n0, n, nr);
@@ -350,4 +360,49 @@ void blockfloat_quantize(const float *x, int64_t rows, int64_t cols, int mantiss
                 out[r * cols + g + i] = result;
             }
         }
+}
+
+/* ------------------------------------------------------------------ packing block mantissas
+   `entries` float32 operands [n, k] into W_BLOCKS' layout (out: entries x (n + groups) x k
+   bytes). Returns 0, leaving out unspecified, when a value does not fit: it is not a small
+   integer times its group's power of two, is inf/NaN, or a group's column holds only
+   denormals (its byte would read as "all zeros"). */
+int pack_blocks(const float *values, int64_t entries, int64_t n, int64_t k, int8_t *out) {
+    int64_t groups = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    uint32_t *largest = (uint32_t *)malloc(sizeof(uint32_t) * (k > 0 ? k : 1));
+    int ok = 1;
+    for (int64_t e = 0; e < entries && ok; e++) {
+        const float *w = values + e * n * k;
+        int8_t *mantissas = out + e * (n + groups) * k;
+        uint8_t *exponents = (uint8_t *)mantissas + n * k;
+        for (int64_t g = 0; g < groups && ok; g++) {
+            int64_t j0 = g * BLOCK_ROWS, j1 = j0 + BLOCK_ROWS < n ? j0 + BLOCK_ROWS : n;
+            memset(largest, 0, sizeof(uint32_t) * k);
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t kk = 0; kk < k; kk++) {
+                    uint32_t field = (f32_bits(w[j * k + kk]) >> 23) & 0xFF;
+                    if (field > largest[kk]) largest[kk] = field;
+                }
+            for (int64_t kk = 0; kk < k; kk++) {
+                if (largest[kk] == 0xFF) ok = 0;
+                exponents[g * k + kk] = (uint8_t)largest[kk];
+            }
+            for (int64_t j = j0; j < j1 && ok; j++)
+                for (int64_t kk = 0; kk < k; kk++) {
+                    uint32_t bits = f32_bits(w[j * k + kk]), field = (bits >> 23) & 0xFF;
+                    uint32_t significand = field ? (bits & 0x7FFFFFu) | 0x800000u : bits & 0x7FFFFFu;
+                    uint32_t shift = largest[kk] - (field ? field : 1) + 17;
+                    if (largest[kk] == 0) shift = 16;  /* only zeros fit a group of byte 0 */
+                    if (shift > 31) shift = 31;
+                    uint32_t m = significand >> shift;
+                    if ((m << shift) != significand || m > 127 || (largest[kk] == 0 && significand)) {
+                        ok = 0;
+                        break;
+                    }
+                    mantissas[j * k + kk] = (int8_t)((bits >> 31) ? -(int32_t)m : (int32_t)m);
+                }
+        }
+    }
+    free(largest);
+    return ok;
 }

@@ -36,6 +36,7 @@ SIGNATURES = {
     "exact_linear": [_I64] * 4 + [_PTR, _I64, _INT, _U32, _U32, _INT, _PTR, _I64, _PTR, _PTR, _INT, _PTR, _INT, _PTR,
                                   _INT],
     "blockfloat_quantize": [_PTR, _I64, _I64, _INT, _INT, _PTR],
+    "pack_blocks": ([_PTR, _I64, _I64, _I64, _PTR], _INT),
 }
 torch_only = native.torch_only  # run every matmul on torch's float64 GEMM (to compare the paths)
 
@@ -59,10 +60,9 @@ def stored(values: torch.Tensor) -> torch.Tensor:
     """`values` [..., N, K] (exact operand values, any float dtype) in the narrowest form
     that holds them exactly: block mantissas (pack_blocks; only where the kernel runs, as
     torch's GEMM would widen them every call), else bfloat16, float32, float64."""
-    if _library() is not None:
-        packed = pack_blocks(values)
-        if packed is not None:
-            return packed
+    packed = pack_blocks(values)
+    if packed is not None:
+        return packed
     for dtype in STORED:
         narrow = values.to(dtype)
         if torch.equal(narrow.to(values.dtype), values):
@@ -77,37 +77,20 @@ def pack_blocks(values: torch.Tensor) -> torch.Tensor | None:
     int8 [..., N + ceil(N / 16), K], the N rows of mantissas in [-127, 127] then a row of
     exponent bytes per group, w = mantissa * 2^(byte - 133) (bfloat8_b's own encoding:
     the byte is the group's largest float32 exponent field, 0 only for zeros). None when
-    some value does not fit: it is checked, not assumed."""
-    if values.dim() < 2 or not values.is_floating_point() or values.numel() == 0:
+    some value does not fit (it is checked, not assumed) or without the kernel (which
+    alone reads this layout)."""
+    lib = _library()
+    if lib is None or values.dim() < 2 or not values.is_floating_point() or values.numel() == 0:
         return None
     single = values.to(torch.float32)
     if values.dtype == torch.float64 and not torch.equal(single.to(torch.float64), values):
         return None
     n, k = values.shape[-2:]
-    groups = -(-n // BLOCK_ROWS)
-    flat = torch.nn.functional.pad(single.reshape(-1, n, k), (0, 0, 0, groups * BLOCK_ROWS - n))
-    flat = flat.reshape(-1, BLOCK_ROWS, k)  # [entries x groups, 16, K]
-    mantissas = torch.empty(flat.shape, dtype=torch.int8)
-    exponents = torch.empty(flat.shape[0], k, dtype=torch.uint8)
-    step = max(1, (1 << 22) // (BLOCK_ROWS * k))  # groups per chunk: bounded temporaries
-    for first in range(0, flat.shape[0], step):
-        bits = flat[first:first + step].contiguous().view(torch.int32)
-        field = (bits >> 23) & 0xFF
-        if bool((field == 0xFF).any()):
-            return None  # inf / NaN
-        significand = torch.where(field > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF)
-        largest = field.amax(dim=1, keepdim=True)
-        shift = (largest - field.clamp(min=1) + 17).clamp(max=31)  # denormals: field 1's scale
-        m = significand >> shift
-        if not torch.equal(m << shift, significand) or bool((m > 127).any()):
-            return None
-        if bool(((largest == 0) & (significand != 0)).any()):
-            return None  # denormals alone in a group: byte 0 must mean all zeros (exact_gemm.c)
-        mantissas[first:first + step] = torch.where(bits < 0, -m, m).to(torch.int8)
-        exponents[first:first + step] = largest[:, 0].to(torch.uint8)
-    lead = values.shape[:-2]
-    mantissas = mantissas.reshape(*lead, groups * BLOCK_ROWS, k)[..., :n, :]
-    return torch.cat([mantissas, exponents.view(torch.int8).reshape(*lead, groups, k)], dim=-2)
+    single = single.contiguous()
+    out = torch.empty(*values.shape[:-2], n + -(-n // BLOCK_ROWS), k, dtype=torch.int8)
+    if not lib.pack_blocks(single.data_ptr(), single.numel() // (n * k), n, k, out.data_ptr()):
+        return None
+    return out
 
 
 def zero_pieces(w: torch.Tensor) -> torch.Tensor | None:

@@ -72,8 +72,9 @@ def library(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
             if not path.exists():
                 _build(HERE / f"{name}.c", path)
             lib = ctypes.CDLL(str(path))
-            for function, argtypes in signatures.items():
-                getattr(lib, function).restype = None
+            for function, signature in signatures.items():  # [argtypes] (void) or (argtypes, restype)
+                argtypes, restype = signature if isinstance(signature, tuple) else (signature, None)
+                getattr(lib, function).restype = restype
                 getattr(lib, function).argtypes = argtypes
         except OSError as exc:
             _why[name] = str(exc)
