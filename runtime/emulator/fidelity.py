@@ -120,9 +120,9 @@ def phase_operands(x: torch.Tensor, w: torch.Tensor, phase: int, fp32_dest: bool
 class PreparedWeight:
     """A linear's [N, K] weight as the multiplier sees it: for each activation part in
     `parts` ("src": whole SrcB value, "high"/"low": SrcB's passes), the sum of the SrcA
-    parts the phases pair with it, side by side along K. Held in the narrowest dtype that
-    holds the values exactly (bfloat16 for bfloat16 and block-float weights); the matmul
-    forms float64 products from them (exact_gemm.py)."""
+    parts the phases pair with it, side by side along K. Held in the narrowest form that
+    holds the values exactly (exact_gemm.stored: block mantissas for block-float weights,
+    else bfloat16 or float32); the matmul forms float64 products from them."""
 
     values: torch.Tensor  # [N, K * len(parts)]: block mantissas (int8), bfloat16, float32, float64
     parts: tuple[str, ...]
