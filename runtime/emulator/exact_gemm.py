@@ -22,13 +22,15 @@ import ctypes
 
 import torch
 
+from .. import blockfloat
 from . import native
 
 # How the kernel reads a weight, by the dtype it is held in (exact_gemm.c's w_kind);
 # int8 is block mantissas with their exponents (pack_blocks).
 W_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 STORED = (torch.bfloat16, torch.float32)  # plain float dtypes, narrowest first
-BLOCK_ROWS = 16
+BLOCK_ROWS = 16  # block-float group along the output features (exact_gemm.c's BLOCK_ROWS)
+BLOCK_BIAS = blockfloat.FORMATS["bfloat8_b"].exponent_bias_offset  # 133: exact_gemm.c's BLOCK_BIAS
 
 _I64, _PTR, _INT, _U32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
 SIGNATURES = {
@@ -123,7 +125,7 @@ def same_form(operands: list[torch.Tensor]) -> list[torch.Tensor]:
 def unpack_blocks(w: torch.Tensor) -> torch.Tensor:
     """pack_blocks' layout back to float32 values (for torch's path and for tests)."""
     n = block_features(w)
-    exponents = w[..., n:, :].view(torch.uint8).to(torch.int32) - 133
+    exponents = w[..., n:, :].view(torch.uint8).to(torch.int32) - BLOCK_BIAS
     scale = torch.ldexp(torch.ones(exponents.shape, dtype=torch.float64), exponents).repeat_interleave(BLOCK_ROWS, dim=-2)
     return (w[..., :n, :].to(torch.float64) * scale[..., :n, :]).to(torch.float32)
 

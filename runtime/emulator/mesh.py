@@ -276,11 +276,22 @@ def _pieces(weight: PreparedWeight, act_lead) -> tuple[torch.Tensor, torch.Tenso
     if isinstance(weight, SharedPieces):
         return weight.values, weight.chip_piece, weight.lead
     values = weight.values
-    held = values.shape[:LEAD]
+    held = tuple(values.shape[:LEAD])
     lead = tuple(max(h, a) for h, a in zip(held, act_lead))
-    rows = torch.arange(lead[0]) * (held[0] > 1)
-    cols = torch.arange(lead[1]) * (held[1] > 1)
-    return values.flatten(0, LEAD - 1), (rows[:, None] * held[1] + cols[None, :]).flatten(), lead
+    return values.flatten(0, LEAD - 1), held_entry(held, lead), lead
+
+
+_HELD_ENTRIES: dict[tuple, torch.Tensor] = {}
+
+
+def held_entry(held: tuple, lead: tuple) -> torch.Tensor:
+    """[rows * cols] of `lead`'s chips (row-major): the entry of a value held as `held`
+    leading dims, flattened, that each chip reads (a size-1 axis: every chip the same)."""
+    if (held, lead) not in _HELD_ENTRIES:
+        rows = torch.arange(lead[0]) * (held[0] > 1)
+        cols = torch.arange(lead[1]) * (held[1] > 1)
+        _HELD_ENTRIES[held, lead] = (rows[:, None] * held[1] + cols[None, :]).flatten()
+    return _HELD_ENTRIES[held, lead]
 
 
 # ---------------------------------------------------------------- collectives

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .mesh import LEAD, _is_replicated, _lead_of, batched, per_chip
+from .mesh import LEAD, _is_replicated, _lead_of, batched, held_entry, per_chip
 from .pools import MeshPagePool
 
 
@@ -48,17 +48,12 @@ def _paged_fill(impl, cache, x, page_table, batch_idx=0, cache_dtype="bfloat16")
 
 
 class _Folded:
-    """A MeshPagePool seen by ops.py's gathers as one chip's cache whose users are the
-    chips' users in row-major chip order: `cache[table]` -> [chips * users, n, Hkv, bs, hd]."""
+    """A MeshPagePool seen by ops.py's attention as one chip's cache whose users are the
+    chips' users in row-major chip order (storage_blocks)."""
 
     def __init__(self, pool: MeshPagePool, lead):
         self.pool, self.lead = pool, lead
         self.shape, self.dtype = pool.shape, pool.dtype
-
-    def __getitem__(self, blocks):
-        got = self.pool.gather(blocks)  # [*lead, users, n, Hkv, bs, hd]
-        got = _expand(got, self.lead)
-        return got.reshape(-1, *got.shape[LEAD + 1:])
 
     def storage_blocks(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(every held chip's storage as one [chips x S, Hkv, bs, hd], the slots [chips x
@@ -66,21 +61,8 @@ class _Folded:
         storage = self.pool.storage
         held, per_chip = tuple(storage.shape[:LEAD]), storage.shape[LEAD]
         slots = self.pool.slots.lookup(table)  # [users, n]
-        first = _first_slots(held, tuple(self.lead)) * per_chip  # each chip's first slot in the flat storage
+        first = (held_entry(held, tuple(self.lead)) * per_chip)[:, None, None]  # each chip's first slot
         return storage.reshape(-1, *storage.shape[LEAD + 1:]), (first + slots).flatten(0, 1)
-
-
-_CHIPS: dict[tuple, torch.Tensor] = {}
-
-
-def _first_slots(held: tuple, lead: tuple) -> torch.Tensor:
-    """[chips, 1, 1]: the storage chip (row-major over `held`, size-1 axes shared) of each
-    chip of `lead`, found once per shape."""
-    if (held, lead) not in _CHIPS:
-        rows = torch.arange(lead[0]) * (held[0] > 1)
-        cols = torch.arange(lead[1]) * (held[1] > 1)
-        _CHIPS[held, lead] = (rows[:, None] * held[1] + cols[None, :]).reshape(-1, 1, 1)
-    return _CHIPS[held, lead]
 
 
 def _fold(q: torch.Tensor, lead, batch_dim: int) -> torch.Tensor:

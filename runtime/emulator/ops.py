@@ -182,13 +182,12 @@ def _paged_users(page_table, positions, bs):
     return active, page_table[active, pos // bs].long(), pos % bs
 
 
-def _gather_users(cache, page_table, length):
-    """Every user's first `length` positions [B, Hkv, length, hd] through its table row."""
-    bs = cache.shape[2]
-    n_blocks = -(-length // bs)
-    blocks = cache[page_table[:, :n_blocks].long()]  # [B, n, Hkv, bs, hd]
-    batch, _, heads, _, head_dim = blocks.shape
-    return blocks.permute(0, 2, 1, 3, 4).reshape(batch, heads, n_blocks * bs, head_dim)[:, :, :length]
+def _cache_blocks(cache, page_table: torch.Tensor, length: int):
+    """(blocks [S, Hkv, bs, hd], slots [B, n]) holding every user's first `length` positions
+    through its table row: a dense pool's own blocks, or a page pool's storage and the
+    slots its blocks sit in (read in place, never gathered for decode)."""
+    table = page_table[:, : -(-length // cache.shape[2])].long()
+    return (cache, table) if isinstance(cache, torch.Tensor) else cache.storage_blocks(table)
 
 
 def _attend(q, k, v, scale, mask=None, causal=False):
@@ -227,16 +226,9 @@ def paged_sdpa_decode(q, k_cache, v_cache, page_table_tensor=None, cur_pos_tenso
                       sliding_window_size=None):
     pos = cur_pos_tensor.long()
     length = max(int(pos.max()) + 1, 1)
-    table = page_table_tensor[:, : -(-length // k_cache.shape[2])].long()
-    k_blocks, slots = _blocks(k_cache, table)
-    v_blocks, _ = _blocks(v_cache, table)
+    k_blocks, slots = _cache_blocks(k_cache, page_table_tensor, length)
+    v_blocks, _ = _cache_blocks(v_cache, page_table_tensor, length)
     return decode_attention.attend(q, k_blocks, v_blocks, slots, pos, scale, sliding_window_size)
-
-
-def _blocks(cache, table: torch.Tensor):
-    """(blocks [S, Hkv, bs, hd], slots [B, n]) of the blocks a page table names: a dense
-    pool's own, or a page pool's storage and the slots its blocks sit in."""
-    return (cache, table) if isinstance(cache, torch.Tensor) else cache.storage_blocks(table)
 
 
 def _additive(mask):
@@ -267,8 +259,8 @@ def chunked_sdpa(q, k_cache, v_cache, page_table_tensor, chunk_start_idx, scale=
                  sliding_window_size=None):
     rows = q.shape[2]
     length = chunk_start_idx + rows
-    k = _gather_users(k_cache, page_table_tensor[:1], length)  # [1, Hkv, length, hd]
-    v = _gather_users(v_cache, page_table_tensor[:1], length)
+    k = decode_attention.gather(*_cache_blocks(k_cache, page_table_tensor[:1], length), length)  # [1, Hkv, length, hd]
+    v = decode_attention.gather(*_cache_blocks(v_cache, page_table_tensor[:1], length), length)
     out = []
     for first in range(0, rows, Q_BLOCK):  # flash-style: query blocks see keys up to their end
         last = min(first + Q_BLOCK, rows)

@@ -116,12 +116,6 @@ class MeshPagePool:
         slots, self.storage = self.slots.claim(blocks, self.storage, len(self.lead))
         self.storage.flatten(0, len(self.lead) - 1)[:, slots] = data.flatten(0, len(self.lead) - 1)
 
-    def gather(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Blocks [*idx] -> [*lead, *idx, Hkv, bs, hd] (zeros where never written)."""
-        flat = self.storage.flatten(0, len(self.lead) - 1)
-        got = flat[:, self.slots.lookup(blocks)]
-        return got.reshape(*self.lead, *got.shape[1:])
-
     def chip(self, index: tuple) -> torch.Tensor:
         """One chip's whole cache as a dense tensor (tests, debugging)."""
         lead = tuple(i if n > 1 else 0 for i, n in zip(index, self.lead))

@@ -72,9 +72,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, trans_mat: tor
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
     source, sign = moves
-    shape = torch.tensor(x.shape[:-1], dtype=torch.int64)
-    strides = torch.tensor(cos.stride()[:-1], dtype=torch.int64)
-    lib.rotary_rows(x.dim() - 1, shape.data_ptr(), strides.data_ptr(), x.shape[-1], x.data_ptr(),
+    dims = x.dim() - 1
+    shape, strides = (ctypes.c_int64 * dims)(*x.shape[:-1]), (ctypes.c_int64 * dims)(*cos.stride()[:-1])
+    lib.rotary_rows(dims, shape, strides, x.shape[-1], x.data_ptr(),
                     int(x.dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(), int(cos.dtype == torch.bfloat16),
                     source.data_ptr(), sign.data_ptr(), out.data_ptr())
     return out
